@@ -1,0 +1,157 @@
+"""ONNX Runtime backend: TensorRT EP → CUDA EP → CPU EP, whichever this onnxruntime build offers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .base import DecodedMasks, ImageFeatures
+from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from .manifest import (
+    Manifest,
+    ManifestError,
+    TensorSpec,
+    check_signature,
+    read_manifest,
+    verify_engine_files,
+)
+from .mask_selection import select_multimask, select_single_mask
+
+log = logging.getLogger(__name__)
+
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+               "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def default_providers() -> list[str]:
+    available = set(ort.get_available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in available]
+
+
+def session_signature(args: list[ort.NodeArg]) -> list[TensorSpec]:
+    return [TensorSpec(a.name, _ORT_DTYPES.get(a.type, a.type), list(a.shape)) for a in args]
+
+
+class OnnxEngine:
+    """Opens a validated engine directory and runs its encoder/decoder as plain numpy in/out."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        providers: list[str] | None = None,
+        intra_op_threads: int = 0,
+        encoder_variant: str = "encoder",
+        warmup: bool = True,
+        verify_hashes: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.manifest: Manifest = read_manifest(self.directory)
+        roles = [encoder_variant, "decoder"]
+        if verify_hashes:
+            verify_engine_files(self.directory, self.manifest, roles)
+        self.providers = list(providers) if providers else default_providers()
+        unknown = [p for p in self.providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise ManifestError(
+                f"execution providers {unknown} are not available in this onnxruntime build "
+                f"(available: {ort.get_available_providers()})"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        # Idle ORT threads spin by default and steal CPU from image work running beside them.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.encoder_role = encoder_variant
+        self._encoder = self._open(encoder_variant, options, ENCODER_INPUTS, ENCODER_OUTPUTS)
+        self._decoder = self._open("decoder", options, DECODER_INPUTS, DECODER_OUTPUTS)
+        if not self.manifest.weights.trained:
+            log.warning(
+                "UNTRAINED WEIGHTS: engines in %s were exported from randomly initialised %s (seed %s); "
+                "their masks are meaningless", self.directory, self.manifest.model, self.manifest.weights.seed,
+            )
+        if warmup:
+            self.warm_up()
+
+    def _open(self, role: str, options: ort.SessionOptions, inputs: tuple[str, ...],
+              outputs: tuple[str, ...]) -> ort.InferenceSession:
+        entry = self.manifest.engine_file(role)
+        if tuple(t.name for t in entry.inputs) != inputs or tuple(t.name for t in entry.outputs) != outputs:
+            raise ManifestError(
+                f"{role} in the manifest declares inputs {[t.name for t in entry.inputs]} and outputs "
+                f"{[t.name for t in entry.outputs]}; this server needs {list(inputs)} → {list(outputs)}"
+            )
+        try:
+            session = ort.InferenceSession(str(self.directory / entry.file), options, providers=self.providers)
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise ManifestError(f"onnxruntime cannot load {role} engine {entry.file}: {e}") from None
+        check_signature(role, entry.inputs, session_signature(session.get_inputs()), "input")
+        check_signature(role, entry.outputs, session_signature(session.get_outputs()), "output")
+        return session
+
+    @property
+    def active_providers(self) -> list[str]:
+        return self._decoder.get_providers()
+
+    def warm_up(self) -> None:
+        size = self.manifest.image_size
+        features = self.encode(np.zeros((1, 3, size, size), dtype=np.float32))
+        self.decode(features, np.full((1, 1, 2), size / 2, np.float32), np.ones((1, 1), np.float32))
+
+    def encode(self, image: np.ndarray) -> ImageFeatures:
+        outputs = self._encoder.run(list(ENCODER_OUTPUTS), {"image": np.ascontiguousarray(image, np.float32)})
+        return ImageFeatures(*outputs)
+
+    def decode(
+        self,
+        features: ImageFeatures,
+        point_coords: np.ndarray,
+        point_labels: np.ndarray,
+        mask_input: np.ndarray | None = None,
+        multimask: bool = True,
+    ) -> DecodedMasks:
+        masks, iou = self.decode_all_tokens(features, point_coords, point_labels, mask_input)
+        m = self.manifest
+        if multimask:
+            masks, iou = select_multimask(masks, iou)
+        else:
+            masks, iou = select_single_mask(
+                masks, iou, m.dynamic_multimask_via_stability,
+                m.dynamic_multimask_stability_delta, m.dynamic_multimask_stability_thresh,
+            )
+        return DecodedMasks(masks, iou)
+
+    def decode_all_tokens(
+        self,
+        features: ImageFeatures,
+        point_coords: np.ndarray,
+        point_labels: np.ndarray,
+        mask_input: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The raw graph: logits and IoU of every mask token, [B, T, 256, 256] and [B, T]."""
+        batch = point_coords.shape[0]
+        low_res = self.manifest.low_res_mask_size
+        if mask_input is None:
+            mask_input = np.zeros((batch, 1, low_res, low_res), np.float32)
+            has_mask = np.zeros(1, np.float32)
+        else:
+            has_mask = np.ones(1, np.float32)
+        feeds = {
+            "image_embed": features.image_embed,
+            "high_res_feats_0": features.high_res_feats_0,
+            "high_res_feats_1": features.high_res_feats_1,
+            "point_coords": np.ascontiguousarray(point_coords, np.float32),
+            "point_labels": np.ascontiguousarray(point_labels, np.float32),
+            "mask_input": np.ascontiguousarray(mask_input, np.float32),
+            "has_mask_input": has_mask,
+        }
+        masks, iou = self._decoder.run(list(DECODER_OUTPUTS), feeds)
+        return masks, iou
+
+    def close(self) -> None:
+        self._encoder = None
+        self._decoder = None

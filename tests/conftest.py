@@ -1,0 +1,47 @@
+"""Shared fixtures: one untrained hiera-tiny export per test session (≈ 40 s on 2 cores)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
+HAVE_EXPORT_TOOLS = all(importlib.util.find_spec(m) is not None for m in ("torch", "sam2", "onnx"))
+needs_export_tools = pytest.mark.skipif(
+    not HAVE_EXPORT_TOOLS, reason="needs the export extra (torch, Meta's sam2, onnx)"
+)
+TINY = "sam2.1_hiera_tiny"
+SEED = 0
+
+
+def shared_image(name: str) -> Path:
+    path = SHARED_IMAGES / name
+    if not path.is_file():
+        pytest.skip(f"real test image {path} is absent (../shared/images is not part of this checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory):
+    """(engine dir, torch model) of an untrained sam2.1_hiera_tiny with seed 0."""
+    if not HAVE_EXPORT_TOOLS:
+        pytest.skip("needs the export extra (torch, Meta's sam2, onnx)")
+    from sam2serve_export.build import build_engines
+    from sam2serve_export.models import get_model_spec
+    from sam2serve_export.weights import WeightsChoice
+
+    out = tmp_path_factory.mktemp("engines") / TINY
+    _, model = build_engines(get_model_spec(TINY), out, WeightsChoice(untrained_seed=SEED), progress=False)
+    return out, model
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tiny_export) -> Path:
+    return tiny_export[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_export):
+    return tiny_export[1]

@@ -1,0 +1,76 @@
+"""Exported engines compute what the torch model (and Meta's predictor) computes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import SEED, TINY, needs_export_tools, shared_image
+from sam2serve.engines.manifest import read_manifest
+from sam2serve.images import read_rgb, synthetic_scene
+
+pytestmark = needs_export_tools
+
+
+def test_manifest_describes_the_untrained_export(tiny_engine_dir):
+    m = read_manifest(tiny_engine_dir)
+    assert m.model == TINY and m.config == "configs/sam2.1/sam2.1_hiera_t.yaml"
+    assert m.weights.origin == "untrained" and m.weights.seed == SEED and not m.weights.trained
+    assert m.opset == 18 and m.image_size == 1024 and m.low_res_mask_size == 256 and m.mask_tokens == 4
+    enc, dec = m.engines["encoder"], m.engines["decoder"]
+    assert [(t.name, t.shape) for t in enc.outputs] == [
+        ("image_embed", [1, 256, 64, 64]), ("high_res_feats_0", [1, 32, 256, 256]),
+        ("high_res_feats_1", [1, 64, 128, 128])]
+    shapes = {t.name: t.shape for t in dec.inputs}
+    assert isinstance(shapes["point_coords"][0], str) and isinstance(shapes["point_coords"][1], str)
+    assert [t.name for t in dec.outputs] == ["masks", "iou_predictions"]
+    assert all(v != "absent" for k, v in m.tools.items() if k in ("torch", "sam2", "onnx", "onnxruntime"))
+    assert json.loads((tiny_engine_dir / "manifest.json").read_text())["weights"]["origin"] == "untrained"
+
+
+def test_parity_with_torch_and_metas_predictor_on_a_synthetic_image(tiny_model, tiny_engine_dir):
+    from sam2serve_export.verify import DEFAULT_TOLERANCE, check_parity, verify_engines
+
+    rows = verify_engines(tiny_model, tiny_engine_dir, synthetic_scene(), "synthetic")
+    cases = {(r.graph, r.case) for r in rows}
+    assert ("decoder", "random B=64") in cases and ("decoder", "random B=1") in cases
+    assert any("single (dynamic)" in case for _, case in cases)
+    assert max(r.relative for r in rows) < DEFAULT_TOLERANCE
+    assert all(r.sign_flips < 1e-4 for r in rows if r.sign_flips is not None)
+    check_parity(rows)
+
+
+def test_parity_on_a_real_photo(tiny_model, tiny_engine_dir):
+    from sam2serve_export.verify import check_parity, verify_engines
+
+    path = shared_image("truck.jpg")
+    check_parity(verify_engines(tiny_model, tiny_engine_dir, read_rgb(path), path.name))
+
+
+def test_check_parity_fails_loudly_above_tolerance():
+    from sam2serve_export.errors import ParityError
+    from sam2serve_export.verify import ParityRow, check_parity
+
+    rows = [ParityRow("decoder", "random B=1", "masks", 0.5, 2e-4)]
+    with pytest.raises(ParityError, match="decoder random B=1 masks"):
+        check_parity(rows)
+
+
+def test_single_mask_selection_matches_metas_decoder(tiny_model):
+    import torch
+
+    from sam2serve.engines.mask_selection import select_single_mask
+
+    decoder = tiny_model.sam_mask_decoder
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(32, 4, 256, 256, generator=g)
+    logits[:16, 0] = torch.where(logits[:16, 0] > 0, 9.0, -9.0)  # half the batch is stable
+    iou = torch.rand(32, 4, generator=g)
+    ref_masks, ref_iou = decoder._dynamic_multimask_via_stability(logits, iou)
+    masks, ious = select_single_mask(logits.numpy(), iou.numpy(), True,
+                                     decoder.dynamic_multimask_stability_delta,
+                                     decoder.dynamic_multimask_stability_thresh)
+    np.testing.assert_array_equal(masks, ref_masks.numpy())
+    np.testing.assert_array_equal(ious, ref_iou.numpy())

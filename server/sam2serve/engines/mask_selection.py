@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .manifest import Manifest
+
 
 def select_multimask(masks: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return masks[:, 1:], iou[:, 1:]
@@ -36,3 +38,13 @@ def select_single_mask(
         np.where(stable[:, :, None, None], single, best_masks),
         np.where(stable, single_iou, best_iou),
     )
+
+
+def select_tokens(masks: np.ndarray, iou: np.ndarray, multimask: bool,
+                  manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """What `MaskDecoder.forward` returns, from the logits and IoU of all tokens."""
+    if multimask:
+        return select_multimask(masks, iou)
+    return select_single_mask(masks, iou, manifest.dynamic_multimask_via_stability,
+                              manifest.dynamic_multimask_stability_delta,
+                              manifest.dynamic_multimask_stability_thresh)

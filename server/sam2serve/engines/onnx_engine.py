@@ -18,7 +18,7 @@ from .manifest import (
     read_manifest,
     verify_engine_files,
 )
-from .mask_selection import select_multimask, select_single_mask
+from .mask_selection import select_tokens
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,7 @@ class OnnxEngine:
         multimask: bool = True,
     ) -> DecodedMasks:
         masks, iou = self.decode_all_tokens(features, point_coords, point_labels, mask_input)
-        m = self.manifest
-        if multimask:
-            masks, iou = select_multimask(masks, iou)
-        else:
-            masks, iou = select_single_mask(
-                masks, iou, m.dynamic_multimask_via_stability,
-                m.dynamic_multimask_stability_delta, m.dynamic_multimask_stability_thresh,
-            )
+        masks, iou = select_tokens(masks, iou, multimask, self.manifest)
         return DecodedMasks(masks, iou)
 
     def decode_all_tokens(

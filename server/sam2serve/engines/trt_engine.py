@@ -31,7 +31,7 @@ from .manifest import (
     sha256_file,
     verify_engine_files,
 )
-from .mask_selection import select_multimask, select_single_mask
+from .mask_selection import select_tokens
 
 log = logging.getLogger(__name__)
 
@@ -396,15 +396,7 @@ class TensorRTEngine:
         multimask: bool = True,
     ) -> DecodedMasks:
         masks, iou = self.decode_all_tokens(features, point_coords, point_labels, mask_input)
-        m = self.manifest
-        if multimask:
-            masks, iou = select_multimask(masks, iou)
-        else:
-            masks, iou = select_single_mask(
-                masks, iou, m.dynamic_multimask_via_stability,
-                m.dynamic_multimask_stability_delta, m.dynamic_multimask_stability_thresh,
-            )
-        return DecodedMasks(masks, iou)
+        return DecodedMasks(*select_tokens(masks, iou, multimask, self.manifest))
 
     def decode_all_tokens(
         self,

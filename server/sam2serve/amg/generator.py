@@ -1,0 +1,279 @@
+"""SAM 2 automatic mask generation over an `Engine`: Meta's algorithm, without its wasted work.
+
+Same grid, crops, filters and NMS as `SAM2AutomaticMaskGenerator`, but candidates are filtered by
+predicted IoU before anything is upsampled, each survivor is upsampled once (stability, binary mask and
+box from the same map), and full-resolution masks and RLEs are made only for the masks that survive NMS.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engines.base import Engine
+from ..preprocess import to_model_coords, to_model_input
+from .grids import build_all_layer_point_grids, generate_crop_boxes
+from .masks import (
+    fill_holes_and_remove_sprinkles,
+    is_box_near_crop_edge,
+    mask_to_box,
+    remove_small_regions,
+    stability_score,
+    upsample_logits,
+)
+from .nms import nms
+from .params import GeneratorParams
+from .rle import decode_rle, encode_rle, rle_area
+
+DEFAULT_MAX_DECODER_BATCH = 16  # ORT's CPU decoder needs ≈ 80 MB per prompt in a batch
+LOW_RES_CLAMP = 32.0  # the predictor clamps low-res logits fed back as mask input
+
+
+class Cancelled(Exception):
+    """Raised at a batch boundary when `should_stop` returns True."""
+
+
+@dataclass
+class MaskRecord:
+    rle: dict[str, object]  # COCO RLE of the full-image mask
+    area: int
+    bbox: list[float]  # XYWH
+    predicted_iou: float
+    stability_score: float
+    point_coords: list[list[float]]
+    crop_box: list[int]  # XYWH
+
+    def mask(self) -> np.ndarray:
+        return decode_rle(self.rle)
+
+
+@dataclass
+class GenerationResult:
+    records: list[MaskRecord]
+    image_size: tuple[int, int]
+    timings: dict[str, float] = field(default_factory=dict)  # encoder, decoder, postprocess, encoding
+    counts: dict[str, int] = field(default_factory=dict)  # candidates left after each filter
+
+
+@dataclass
+class _Kept:
+    """Survivors of the per-candidate filters within one crop."""
+
+    low_res: list[np.ndarray] = field(default_factory=list)
+    iou: list[float] = field(default_factory=list)
+    stability: list[float] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
+    points: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class _Survivor:
+    low_res: np.ndarray
+    iou: float
+    stability: float
+    box: np.ndarray  # XYXY, image frame
+    point: np.ndarray  # image frame
+    crop_box: list[int]  # XYXY
+
+
+class AutoMaskGenerator:
+    def __init__(self, engine: Engine, max_decoder_batch: int = DEFAULT_MAX_DECODER_BATCH) -> None:
+        self.engine = engine
+        self.max_decoder_batch = max(1, max_decoder_batch)
+
+    def generate(
+        self,
+        image: np.ndarray,
+        params: GeneratorParams | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> GenerationResult:
+        """Masks for an HxWx3 uint8 RGB image. `on_progress(done, total)` counts decoded prompts."""
+        p = params or GeneratorParams()
+        timings = {"encoder": 0.0, "decoder": 0.0, "postprocess": 0.0, "encoding": 0.0}
+        counts = {"candidates": 0, "after_iou": 0, "after_stability": 0, "after_crop_edge": 0,
+                  "after_box_nms": 0, "after_crop_nms": 0, "low_res_cleaned": 0}
+        orig_hw = (int(image.shape[0]), int(image.shape[1]))
+        grids = list(p.point_grids) if p.point_grids is not None else build_all_layer_point_grids(
+            p.points_per_side, p.crop_n_layers, p.crop_n_points_downscale_factor)  # type: ignore[arg-type]
+        crop_boxes, layers = generate_crop_boxes(orig_hw, p.crop_n_layers, p.crop_overlap_ratio)
+        total = sum(len(grids[layer]) for layer in layers)
+        progress = _Progress(total, on_progress)
+
+        survivors: list[_Survivor] = []
+        for crop_box, layer in zip(crop_boxes, layers, strict=True):
+            survivors += self._process_crop(image, crop_box, grids[layer], orig_hw, p, timings, counts,
+                                            should_stop, progress)
+        start = time.perf_counter()
+        if len(crop_boxes) > 1 and survivors:
+            areas = np.array([(c[2] - c[0]) * (c[3] - c[1]) for c in (s.crop_box for s in survivors)])
+            scores = np.float32(1.0) / areas.astype(np.float32)
+            keep = nms(np.stack([s.box for s in survivors]).astype(np.float32), scores, p.crop_nms_thresh)
+            survivors = [survivors[i] for i in keep]
+        counts["after_crop_nms"] = len(survivors)
+        timings["postprocess"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        records = [self._record(s, orig_hw, p) for s in survivors]
+        if p.output_min_region_area > 0:
+            records = postprocess_small_regions(records, p.output_min_region_area, p.box_nms_thresh)
+        counts["final"] = len(records)
+        timings["encoding"] += time.perf_counter() - start
+        return GenerationResult(records, orig_hw, timings, counts)
+
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], grid: np.ndarray,
+                      orig_hw: tuple[int, int], p: GeneratorParams, timings: dict[str, float],
+                      counts: dict[str, int], should_stop: Callable[[], bool],
+                      progress: _Progress) -> list[_Survivor]:
+        engine, m = self.engine, self.engine.manifest
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1]
+        crop_hw = (int(crop.shape[0]), int(crop.shape[1]))
+        start = time.perf_counter()
+        features = engine.encode(to_model_input(crop, m.image_size, m.pixel_mean, m.pixel_std))
+        timings["encoder"] += time.perf_counter() - start
+
+        points = (grid * np.array(crop_hw)[None, ::-1]).astype(np.float32)
+        kept = _Kept()
+        batch = min(p.points_per_batch, self.max_decoder_batch)
+        for first in range(0, len(points), batch):
+            if should_stop():
+                raise Cancelled
+            pts = points[first:first + batch]
+            start = time.perf_counter()
+            logits, iou, cand_points = self._decode_batch(features, pts, crop_hw, p)
+            timings["decoder"] += time.perf_counter() - start
+            start = time.perf_counter()
+            self._filter_candidates(logits, iou, cand_points, crop_box, crop_hw, orig_hw, p, kept, counts)
+            timings["postprocess"] += time.perf_counter() - start
+            progress.advance(len(pts))
+
+        start = time.perf_counter()
+        result: list[_Survivor] = []
+        if kept.iou:
+            boxes = np.stack(kept.boxes)
+            keep = nms(boxes.astype(np.float32), np.asarray(kept.iou, np.float32), p.box_nms_thresh)
+            offset = np.array([x0, y0, x0, y0])
+            for i in keep:
+                result.append(_Survivor(kept.low_res[i], kept.iou[i], kept.stability[i], boxes[i] + offset,
+                                        kept.points[i] + np.array([x0, y0], np.float32), crop_box))
+        counts["after_box_nms"] += len(result)
+        timings["postprocess"] += time.perf_counter() - start
+        return result
+
+    def _decode_batch(self, features: object, pts: np.ndarray, crop_hw: tuple[int, int],
+                      p: GeneratorParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate logits [K, 256, 256], IoU [K] and prompt points [K, 2] for a batch of grid points."""
+        engine, size = self.engine, self.engine.manifest.image_size
+        coords = to_model_coords(pts, crop_hw, size)[:, None, :]
+        labels = np.ones((len(pts), 1), np.float32)
+        out = engine.decode(features, coords, labels, multimask=p.multimask_output)  # type: ignore[arg-type]
+        per_prompt = out.low_res_logits.shape[1]
+        logits = out.low_res_logits.reshape(-1, *out.low_res_logits.shape[2:])
+        iou = out.iou_predictions.reshape(-1)
+        cand_points = np.repeat(pts, per_prompt, axis=0)
+        if p.use_m2m:
+            logits, iou = self._refine_with_m2m(features, cand_points, logits, crop_hw, p)
+        return logits, iou, cand_points
+
+    def _refine_with_m2m(self, features: object, points: np.ndarray, logits: np.ndarray,
+                         crop_hw: tuple[int, int], p: GeneratorParams) -> tuple[np.ndarray, np.ndarray]:
+        """One more decoder pass per candidate with its own low-res logits as mask input, single mask."""
+        size = self.engine.manifest.image_size
+        masks, ious = [], []
+        batch = min(p.points_per_batch, self.max_decoder_batch)
+        for first in range(0, len(points), batch):
+            pts = points[first:first + batch]
+            out = self.engine.decode(
+                features, to_model_coords(pts, crop_hw, size)[:, None, :],  # type: ignore[arg-type]
+                np.ones((len(pts), 1), np.float32),
+                mask_input=np.clip(logits[first:first + batch], -LOW_RES_CLAMP, LOW_RES_CLAMP)[:, None],
+                multimask=False,
+            )
+            masks.append(out.low_res_logits[:, 0])
+            ious.append(out.iou_predictions[:, 0])
+        return np.concatenate(masks), np.concatenate(ious)
+
+    def _filter_candidates(self, logits: np.ndarray, iou: np.ndarray, points: np.ndarray, crop_box: list[int],
+                           crop_hw: tuple[int, int], orig_hw: tuple[int, int], p: GeneratorParams, kept: _Kept,
+                           counts: dict[str, int]) -> None:
+        counts["candidates"] += len(iou)
+        order = np.flatnonzero(iou > p.pred_iou_thresh) if p.pred_iou_thresh > 0.0 else np.arange(len(iou))
+        counts["after_iou"] += len(order)
+        batch_boxes, batch_index = [], []
+        for i in order:
+            low_res, cleaned = fill_holes_and_remove_sprinkles(logits[i], p.min_mask_region_area, p.mask_threshold)
+            counts["low_res_cleaned"] += cleaned
+            up = upsample_logits(low_res, crop_hw)
+            stability = stability_score(up, p.mask_threshold, p.stability_score_offset)
+            if p.stability_score_thresh > 0.0 and not stability >= p.stability_score_thresh:
+                continue
+            box = mask_to_box(up > p.mask_threshold)
+            batch_boxes.append(box)
+            batch_index.append((i, low_res, float(stability)))
+        counts["after_stability"] += len(batch_boxes)
+        if not batch_boxes:
+            return
+        near_edge = is_box_near_crop_edge(np.stack(batch_boxes), crop_box, [0, 0, orig_hw[1], orig_hw[0]])
+        for (i, low_res, stability), box, drop in zip(batch_index, batch_boxes, near_edge, strict=True):
+            if drop:
+                continue
+            kept.low_res.append(np.array(low_res, copy=True))  # don't pin the whole decoder batch
+            kept.iou.append(float(iou[i]))
+            kept.stability.append(stability)
+            kept.boxes.append(box)
+            kept.points.append(points[i])
+        counts["after_crop_edge"] += int(np.count_nonzero(~near_edge))
+
+    def _record(self, s: _Survivor, orig_hw: tuple[int, int], p: GeneratorParams) -> MaskRecord:
+        x0, y0, x1, y1 = s.crop_box
+        full = np.zeros(orig_hw, dtype=bool)
+        full[y0:y1, x0:x1] = upsample_logits(s.low_res, (y1 - y0, x1 - x0)) > p.mask_threshold
+        rle = encode_rle(full)
+        bx0, by0, bx1, by1 = (int(v) for v in s.box)
+        return MaskRecord(
+            rle=rle,
+            area=rle_area(rle),
+            bbox=[bx0, by0, bx1 - bx0, by1 - by0],
+            predicted_iou=s.iou,
+            stability_score=s.stability,
+            point_coords=[[float(s.point[0]), float(s.point[1])]],
+            crop_box=[x0, y0, x1 - x0, y1 - y0],
+        )
+
+
+def postprocess_small_regions(records: list[MaskRecord], min_area: int, nms_thresh: float) -> list[MaskRecord]:
+    """SAM 1's cleanup at output resolution: remove holes and islands below `min_area`, then box NMS that
+    prefers masks the cleanup left unchanged (Meta's `postprocess_small_regions`)."""
+    if not records:
+        return records
+    masks, scores = [], []
+    for record in records:
+        mask, holes_changed = remove_small_regions(record.mask(), min_area, mode="holes")
+        mask, islands_changed = remove_small_regions(mask, min_area, mode="islands")
+        masks.append(mask)
+        scores.append(0.0 if holes_changed or islands_changed else 1.0)
+    boxes = np.stack([mask_to_box(mk) for mk in masks]).astype(np.float32)
+    out = []
+    for i in nms(boxes, np.asarray(scores, np.float32), nms_thresh):
+        record = records[i]
+        if scores[i] == 0.0:
+            rle = encode_rle(masks[i])
+            x0, y0, x1, y1 = (int(v) for v in boxes[i])
+            record = MaskRecord(rle, rle_area(rle), [x0, y0, x1 - x0, y1 - y0], record.predicted_iou,
+                                record.stability_score, record.point_coords, record.crop_box)
+        out.append(record)
+    return out
+
+
+class _Progress:
+    def __init__(self, total: int, callback: Callable[[int, int], None] | None) -> None:
+        self.total, self.done, self.callback = total, 0, callback
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)

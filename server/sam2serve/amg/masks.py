@@ -1,0 +1,84 @@
+"""Per-mask arithmetic of the generator: upsampling, stability, boxes, crop-edge test, small regions."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def upsample_logits(low_res: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """[256, 256] logits → [H, W], bilinear with half-pixel centres (F.interpolate, align_corners=False)."""
+    h, w = size_hw
+    return cv2.resize(low_res, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def stability_score(logits: np.ndarray, mask_threshold: float, offset: float) -> np.float32:
+    """IoU of the masks thresholded at threshold ± offset (the high one lies inside the low one)."""
+    inter = np.count_nonzero(logits > (mask_threshold + offset))
+    union = np.count_nonzero(logits > (mask_threshold - offset))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.float32(inter) / np.float32(union)  # 0/0 is NaN, as in the reference
+
+
+def mask_to_box(mask: np.ndarray) -> np.ndarray:
+    """XYXY box with inclusive max coordinates; [0, 0, 0, 0] for an empty mask (batched_mask_to_box)."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return np.zeros(4, np.int64)
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], np.int64)
+
+
+def is_box_near_crop_edge(boxes: np.ndarray, crop_box: list[int], orig_box: list[int],
+                          atol: float = 20.0) -> np.ndarray:
+    """Boxes (crop frame) within `atol` of a crop edge that is not also an image edge."""
+    crop = np.asarray(crop_box, np.float32)
+    boxes = (boxes + np.array([crop_box[0], crop_box[1]] * 2)).astype(np.float32)
+    near_crop = np.abs(boxes - crop[None]) <= atol
+    near_image = np.abs(boxes - np.asarray(orig_box, np.float32)[None]) <= atol
+    return np.any(near_crop & ~near_image, axis=1)
+
+
+def component_areas(binary: np.ndarray) -> np.ndarray:
+    """Area of the 8-connected component each nonzero pixel belongs to (0 elsewhere) — what SAM 2's
+    CUDA kernel `get_connected_componnets` returns as counts."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    areas = stats[:, cv2.CC_STAT_AREA].astype(np.int32)[labels]
+    areas[labels == 0] = 0
+    return areas
+
+
+def fill_holes_and_remove_sprinkles(logits: np.ndarray, max_area: int,
+                                    mask_threshold: float) -> tuple[np.ndarray, bool]:
+    """SAM2Transforms.postprocess_masks' cleanup of one low-res logit map: background components of at
+    most `max_area` pixels become threshold+10, then foreground components (of the *original* map) of at
+    most `max_area` become threshold-10. Returns the map and whether anything changed."""
+    if max_area <= 0:
+        return logits, False
+    out = logits
+    background = logits <= mask_threshold
+    holes = background & (component_areas(background) <= max_area)
+    if holes.any():
+        out = np.where(holes, np.float32(mask_threshold + 10.0), out)
+    foreground = ~background
+    sprinkles = foreground & (component_areas(foreground) <= max_area)
+    if sprinkles.any():
+        out = np.where(sprinkles, np.float32(mask_threshold - 10.0), out)
+    return out, out is not logits
+
+
+def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
+    """SAM 1's output-resolution cleanup (sam2.utils.amg.remove_small_regions): mode "holes" or "islands"."""
+    correct_holes = mode == "holes"
+    working = (correct_holes ^ mask).astype(np.uint8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
+    sizes = stats[:, -1][1:]
+    small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
+    if not small:
+        return mask, False
+    fill_labels = [0, *small]
+    if not correct_holes:
+        fill_labels = [i for i in range(n_labels) if i not in fill_labels]
+        if not fill_labels:  # every region is below threshold: keep the largest
+            fill_labels = [int(np.argmax(sizes)) + 1]
+    return np.isin(regions, fill_labels), True

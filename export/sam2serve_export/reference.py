@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,8 @@ import torch
 
 from sam2serve.amg.masks import component_areas
 from sam2serve.amg.params import GeneratorParams
+
+log = logging.getLogger(__name__)
 
 
 def reference_kwargs(p: GeneratorParams) -> dict[str, Any]:
@@ -63,4 +66,12 @@ def run_reference(model: torch.nn.Module, image: np.ndarray, params: GeneratorPa
     generator = SAM2AutomaticMaskGenerator(model, **reference_kwargs(params))
     with torch.inference_mode(), cpu_small_region_kernel(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return generator.generate(image)
+        try:
+            return generator.generate(image)
+        except IndexError:
+            # Meta's cross-crop NMS indexes an empty 1-D tensor when no crop kept any mask
+            # (box_area on torch.tensor([])); that case is an empty result.
+            if params.crop_n_layers == 0:
+                raise
+            log.warning("Meta's generator crashed on an empty multi-crop result (a known bug); counted as 0 masks")
+            return []

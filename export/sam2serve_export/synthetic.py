@@ -49,7 +49,7 @@ def synthetic_decode(image: np.ndarray, coords: np.ndarray,
     colour_dist = np.sqrt(((image[None] - colour[:, :, None, None]) ** 2).sum(axis=1))  # [B, H, W]
     gy, gx = np.mgrid[0:LOW_RES, 0:LOW_RES].astype(np.float32)
     space_dist = np.sqrt((gx[None] - x[:, None, None]) ** 2 + (gy[None] - y[:, None, None]) ** 2) / LOW_RES
-    sharpness = 2.0 + 14.0 * _hash01(x, y, 1.0)  # soft (unstable) to steep (stable) edges
+    sharpness = 3.0 + 37.0 * _hash01(x, y, 1.0)  # soft (unstable) to steep (stable) edges
     logits = np.empty((b, 4, LOW_RES, LOW_RES), np.float32)
     for t in range(4):
         score = (TOKEN_COLOUR_TOLERANCE[t] - colour_dist) + 2.0 * (TOKEN_RADIUS[t] - space_dist)

@@ -9,11 +9,13 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["export"]:
-        return _export(argv[1:])
+    if argv[:1] in (["export"], ["parity"], ["bench"]):
+        return _export_tool(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="sam2serve", description="SAM 2 automatic mask generation service.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("export", help="build engines from a SAM 2 checkpoint (needs the 'export' extra)")
+    sub.add_parser("parity", help="compare our masks with Meta's generator (needs the 'export' extra)")
+    sub.add_parser("bench", help="time Meta's generator and ours side by side (needs the 'export' extra)")
     check = sub.add_parser("check-engines", help="validate an engine directory and load it")
     check.add_argument("engines", help="engine directory")
     check.add_argument("--providers", help="comma-separated onnxruntime providers (default: best available)")
@@ -23,17 +25,21 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _export(argv: list[str]) -> int:
+def _export_tool(command: str, argv: list[str]) -> int:
+    """Commands that need torch and Meta's sam2 live in sam2serve_export; import them only when asked."""
+    import importlib
+
+    module = {"export": "cli", "parity": "parity_cli", "bench": "bench"}[command]
     try:
-        from sam2serve_export.cli import main as export_main
+        tool = importlib.import_module(f"sam2serve_export.{module}")
     except ImportError as e:
         print(
-            f"error: `sam2serve export` needs the export tools ({e.name} is not installed); "
+            f"error: `sam2serve {command}` needs the export tools ({e.name} is not installed); "
             "install them with: pip install 'sam2serve[export]' and Meta's sam2 (see README)",
             file=sys.stderr,
         )
         return 2
-    return export_main(argv)
+    return tool.main(argv)
 
 
 def _check_engines(args: argparse.Namespace) -> int:

@@ -1,0 +1,163 @@
+"""Each stage of our generator against the function of Meta's it replaces."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import needs_export_tools
+from sam2serve.amg.grids import build_all_layer_point_grids, generate_crop_boxes
+from sam2serve.amg.masks import (
+    component_areas,
+    fill_holes_and_remove_sprinkles,
+    is_box_near_crop_edge,
+    mask_to_box,
+    remove_small_regions,
+    stability_score,
+    upsample_logits,
+)
+from sam2serve.amg.nms import nms
+from sam2serve.amg.rle import decode_rle, encode_rle, rle_area
+
+FIXTURE = Path(__file__).parent / "fixtures" / "sam2_connected_components.npz"
+pytestmark = needs_export_tools
+
+
+def test_point_grids_match():
+    from sam2.utils import amg
+
+    for n, layers, scale in [(32, 0, 1), (16, 2, 2), (7, 1, 1), (5, 3, 2)]:
+        ours, ref = build_all_layer_point_grids(n, layers, scale), amg.build_all_layer_point_grids(n, layers, scale)
+        assert len(ours) == len(ref)
+        for a, b in zip(ours, ref, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("hw", [(1200, 1800), (480, 640), (1000, 333), (64, 64)])
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_crop_boxes_match(hw, layers):
+    from sam2.utils import amg
+
+    assert generate_crop_boxes(hw, layers, 512 / 1500) == amg.generate_crop_boxes(hw, layers, 512 / 1500)
+
+
+def test_upsampling_follows_torch_bilinear_half_pixel():
+    import torch
+    import torch.nn.functional as F
+
+    logits = np.random.default_rng(0).normal(0, 4, (256, 256)).astype(np.float32)
+    for hw in [(1200, 1800), (333, 500), (1024, 1024)]:
+        ref = F.interpolate(torch.from_numpy(logits)[None, None], hw, mode="bilinear", align_corners=False)[0, 0]
+        ours = upsample_logits(logits, hw)
+        assert ours.shape == hw and np.abs(ours - ref.numpy()).max() < 1e-3
+        assert np.mean((ours > 0) != (ref.numpy() > 0)) < 1e-4
+
+
+def test_stability_score_matches():
+    import torch
+    from sam2.utils.amg import calculate_stability_score
+
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        logits = (rng.normal(0, 3, (300, 400)) + np.linspace(-8, 8, 400)[None]).astype(np.float32)
+        ref = calculate_stability_score(torch.from_numpy(logits)[None], 0.0, 1.0)[0].item()
+        assert stability_score(logits, 0.0, 1.0) == pytest.approx(ref, rel=0, abs=0)
+    assert np.isnan(stability_score(np.full((8, 8), -5, np.float32), 0.0, 1.0))  # 0/0 as in torch
+
+
+def test_boxes_match_including_empty_masks():
+    import torch
+    from sam2.utils.amg import batched_mask_to_box
+
+    rng = np.random.default_rng(2)
+    masks = rng.random((6, 50, 70)) > 0.995
+    masks[0] = False
+    ref = batched_mask_to_box(torch.from_numpy(masks)).numpy()
+    np.testing.assert_array_equal(np.stack([mask_to_box(m) for m in masks]), ref)
+
+
+def test_crop_edge_filter_matches():
+    import torch
+    from sam2.utils.amg import is_box_near_crop_edge as ref_fn
+
+    rng = np.random.default_rng(3)
+    boxes = rng.integers(0, 600, (200, 4))
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2])
+    for crop in ([0, 0, 1800, 1200], [300, 200, 900, 800], [1000, 0, 1800, 700]):
+        ref = ref_fn(torch.from_numpy(boxes), crop, [0, 0, 1800, 1200]).numpy()
+        np.testing.assert_array_equal(is_box_near_crop_edge(boxes, crop, [0, 0, 1800, 1200]), ref)
+
+
+def test_nms_matches_torchvision_with_ties_and_order():
+    import torch
+    from torchvision.ops import batched_nms
+
+    rng = np.random.default_rng(4)
+    for n in (5, 200, 900):
+        xy = rng.integers(0, 100, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.integers(1, 60, (n, 2))], axis=1).astype(np.float32)
+        scores = np.round(rng.random(n).astype(np.float32), 1)  # many exact ties
+        ref = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.zeros(n), 0.7).numpy()
+        np.testing.assert_array_equal(nms(boxes, scores, 0.7), ref)
+
+
+def test_rle_round_trip_and_metas_encoding():
+    import torch
+    from sam2.utils.amg import area_from_rle, coco_encode_rle, mask_to_rle_pytorch
+
+    rng = np.random.default_rng(5)
+    for mask in (rng.random((37, 53)) > 0.5, np.zeros((10, 10), bool), np.ones((4, 9), bool)):
+        rle = encode_rle(mask)
+        np.testing.assert_array_equal(decode_rle(rle), mask)
+        meta = mask_to_rle_pytorch(torch.from_numpy(mask)[None])[0]
+        assert rle_area(rle) == area_from_rle(meta) == int(mask.sum())
+        assert rle["counts"] == coco_encode_rle(meta)["counts"]
+
+
+def test_connected_components_match_sam2_cuda_kernel():
+    """Fixture recorded on an NVIDIA H200 from sam2/csrc/connected_components.cu."""
+    data = np.load(FIXTURE)
+    masks = np.unpackbits(data["masks_packed"], axis=-1)[..., : int(data["shape"][-1])]
+    sys.path.insert(0, str(FIXTURE.parent))
+    from make_connected_components_fixture import make_masks
+
+    np.testing.assert_array_equal(masks, make_masks())
+    for name, binary in (("foreground", masks), ("background", 1 - masks)):
+        ours = np.stack([component_areas(m) for m in binary])
+        np.testing.assert_array_equal(ours, data[f"{name}_areas"])
+
+
+@pytest.mark.parametrize("max_area", [0, 4, 30, 100])
+def test_low_res_cleanup_matches_sam2_postprocess(max_area):
+    import torch
+    from sam2.utils.transforms import SAM2Transforms
+
+    from sam2serve_export.reference import cpu_small_region_kernel
+
+    rng = np.random.default_rng(6)
+    logits = (rng.normal(0, 1, (4, 1, 256, 256)) * 3 + np.linspace(-6, 6, 256)[None, None, None]).astype(np.float32)
+    transforms = SAM2Transforms(1024, 0.0, max_hole_area=max_area, max_sprinkle_area=max_area)
+    with cpu_small_region_kernel():
+        ref = transforms.postprocess_masks(torch.from_numpy(logits), (256, 256)).numpy()
+    changed = 0
+    for i in range(4):
+        ours, was_changed = fill_holes_and_remove_sprinkles(logits[i, 0], max_area, 0.0)
+        changed += was_changed
+        np.testing.assert_allclose(ours, ref[i, 0], atol=1e-5)
+    assert (changed > 0) == (max_area > 0)
+
+
+@pytest.mark.parametrize("mode", ["holes", "islands"])
+def test_sam1_output_cleanup_matches(mode):
+    from sam2.utils.amg import remove_small_regions as ref_fn
+
+    rng = np.random.default_rng(7)
+    for _ in range(4):
+        mask = rng.random((80, 90)) > 0.6
+        ours, changed = remove_small_regions(mask, 20, mode)
+        ref, ref_changed = ref_fn(mask, 20, mode)
+        np.testing.assert_array_equal(ours, ref)
+        assert changed == ref_changed

@@ -45,3 +45,11 @@ def tiny_engine_dir(tiny_export) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_export):
     return tiny_export[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_engine_dir):
+    """One opened ONNX engine shared by the in-process servers of the service tests."""
+    from sam2serve.engines.onnx_engine import OnnxEngine
+
+    return OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"])

@@ -16,13 +16,51 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("export", help="build engines from a SAM 2 checkpoint (needs the 'export' extra)")
     sub.add_parser("parity", help="compare our masks with Meta's generator (needs the 'export' extra)")
     sub.add_parser("bench", help="time Meta's generator and ours side by side (needs the 'export' extra)")
+    serve = sub.add_parser("serve", help="serve the gRPC API (config from flags, else SAM2SERVE_* env)")
+    from .config import add_config_flags
+
+    add_config_flags(serve)
+    seg = sub.add_parser("segment", help="segment an image through a running server and write the outputs")
+    seg.add_argument("image", help="image file, or an http(s) URL the server fetches")
+    seg.add_argument("--server", default="127.0.0.1:50051")
+    seg.add_argument("--out", default="out", help="directory for combined mask, masks, metadata, overlay")
+    seg.add_argument("--queue", action="store_true", help="submit to the queue and show live status")
+    seg.add_argument("--api-key", default=None, help="API key (default: env SAM2SERVE_API_KEY)")
+    seg.add_argument("--points-per-side", type=int)
+    seg.add_argument("--format", choices=["png", "jpeg"], default="png")
+    seg.add_argument("--max-masks", type=int)
+    seg.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     check = sub.add_parser("check-engines", help="validate an engine directory and load it")
     check.add_argument("engines", help="engine directory")
     check.add_argument("--providers", help="comma-separated onnxruntime providers (default: best available)")
     args = parser.parse_args(argv)
     if args.command == "check-engines":
         return _check_engines(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "segment":
+        from .client import segment_command
+
+        return segment_command(args)
     return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from .config import config_from
+    from .engines import ManifestError
+    from .transport.server import serve_forever
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from(args)
+    print(f"sam2serve config: {config.describe()}", flush=True)
+    try:
+        return asyncio.run(serve_forever(config))
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def _export_tool(command: str, argv: list[str]) -> int:

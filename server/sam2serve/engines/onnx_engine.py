@@ -47,6 +47,7 @@ class OnnxEngine:
         encoder_variant: str = "encoder",
         warmup: bool = True,
         verify_hashes: bool = True,
+        cpu_mem_arena: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory)
@@ -64,6 +65,9 @@ class OnnxEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        # ORT's CPU arena keeps the decoder's peak batch allocated for the process's life (measured: peak
+        # RSS 1.95 GB with it, 1.05 GB without, decoder batch 16, hiera tiny).
+        options.enable_cpu_mem_arena = cpu_mem_arena
         # Idle ORT threads spin by default and steal CPU from image work running beside them.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.encoder_role = encoder_variant

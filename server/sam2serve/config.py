@@ -1,0 +1,72 @@
+"""Server configuration: flags, else SAM2SERVE_* environment variables, else defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .inputs.limits import InputLimits
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engines: Path = Path("engines/sam2.1_hiera_tiny")
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9090  # 0 disables the metrics endpoint
+    workers: int = 1  # jobs run at once (each uses every core through ONNX Runtime)
+    queue_size: int = 32  # jobs waiting; beyond that RESOURCE_EXHAUSTED
+    providers: str = ""  # comma-separated onnxruntime providers; empty: best available
+    threads: int = 0  # onnxruntime intra-op threads; 0: all cores
+    max_decoder_batch: int = 16
+    max_message_bytes: int = 64 * 1024 * 1024
+    result_ttl_seconds: float = 600.0
+    result_store_bytes: int = 512 * 1024 * 1024
+    drain_seconds: float = 30.0
+    api_key: str = ""  # empty: no authentication
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_points_per_side: int = 64
+    max_crop_n_layers: int = 3
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    allow_private_urls: bool = False
+
+    def input_limits(self) -> InputLimits:
+        return InputLimits(max_image_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
+                           allow_private_networks=self.allow_private_urls)
+
+    def describe(self) -> str:
+        shown = {k: ("***" if k == "api_key" and v else str(v)) for k, v in asdict(self).items()}
+        return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=None, help=f"env SAM2SERVE_{f.name.upper()}")
+        else:
+            parser.add_argument(flag, default=None, help=f"env SAM2SERVE_{f.name.upper()} (default {f.default})")
+
+
+def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerConfig:
+    env = os.environ if environ is None else environ
+    values = {}
+    for f in fields(ServerConfig):
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            raw = env.get(f"SAM2SERVE_{f.name.upper()}")
+        if raw is None:
+            continue
+        kind = type(f.default)
+        if kind is bool:
+            values[f.name] = raw if isinstance(raw, bool) else raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise SystemExit(f"error: {f.name} must be a {kind.__name__}, got {raw!r}") from None
+    return ServerConfig(**values)

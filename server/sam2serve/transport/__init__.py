@@ -1,0 +1,1 @@
+"""gRPC transport: protobuf ↔ domain conversion, the servicer, the server around it."""

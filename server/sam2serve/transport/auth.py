@@ -1,0 +1,52 @@
+"""Optional API-key authentication: `authorization: Key <key>` (as fal) or `Bearer <key>`."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and discovery stay reachable
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, api_key: str) -> None:
+        self._key = api_key.encode()
+
+    def _authorised(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
+        for name, value in metadata:
+            if name != "authorization":
+                continue
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() in ("key", "bearer") and hmac.compare_digest(token.strip().encode(), self._key):
+                return True
+        return False
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if details.method.startswith(OPEN_SERVICES) or handler is None:
+            return handler
+        if self._authorised(tuple(details.invocation_metadata or ())):
+            return handler
+        return _deny(handler)
+
+
+def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "missing or invalid API key: send metadata 'authorization: Key <key>' or 'Bearer <key>'"
+
+    async def unary(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request: object, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover
+
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
+                                                    handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)

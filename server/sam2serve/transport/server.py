@@ -1,0 +1,121 @@
+"""The gRPC server: engines → generator → job queue → servicer, with health, reflection, auth, TLS,
+message-size limits and a graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..amg import AutoMaskGenerator
+from ..amg.params import fal_defaults
+from ..config import ServerConfig
+from ..engines import open_engine
+from ..jobs import InProcessJobQueue
+from ..pipeline import run_segment
+from ..v1 import sam2serve_pb2 as pb
+from ..v1 import sam2serve_pb2_grpc as pb_grpc
+from .auth import ApiKeyInterceptor
+from .convert import RequestLimits, generator_defaults
+from .servicer import AutoSegmentServicer, server_info
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    queue: InProcessJobQueue
+    servicer: AutoSegmentServicer
+    config: ServerConfig
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def shutdown(self) -> bool:
+        """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
+        await self.set_serving(False)
+        drained = await self.queue.drain(self.config.drain_seconds)
+        if not drained:
+            log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
+        await self.server.stop(grace=5.0)
+        await self.queue.close()
+        return drained
+
+
+async def start_server(config: ServerConfig, engine: object | None = None) -> RunningServer:
+    """Load (or take) the engines, warm them, and start serving on config.host:config.port."""
+    loop = asyncio.get_running_loop()
+    if engine is None:
+        providers = [p for p in config.providers.split(",") if p] or None
+        engine = await loop.run_in_executor(None, lambda: open_engine(
+            str(config.engines), providers=providers, intra_op_threads=config.threads))
+    manifest = engine.manifest  # type: ignore[attr-defined]
+    if not manifest.weights.trained:
+        log.warning("UNTRAINED WEIGHTS: serving randomly initialised %s engines; masks are meaningless",
+                    manifest.model)
+    generator = AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch)  # type: ignore[arg-type]
+    input_limits = config.input_limits()
+
+    def runner(request, should_stop, on_progress, log_line):
+        return run_segment(request, generator, input_limits, should_stop, on_progress, log_line)
+
+    queue = InProcessJobQueue(runner, workers=config.workers, queue_size=config.queue_size,
+                              result_ttl_s=config.result_ttl_seconds, result_store_bytes=config.result_store_bytes)
+    limits = RequestLimits(max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers)
+    info = server_info(
+        manifest, list(getattr(engine, "active_providers", engine.providers)),  # type: ignore[attr-defined]
+        "tensorrt" if type(engine).__name__ == "TensorRTEngine" else "onnxruntime",
+        pb.Limits(max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels,
+                  max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers,
+                  queue_size=config.queue_size, workers=config.workers, max_message_bytes=config.max_message_bytes,
+                  result_ttl_seconds=config.result_ttl_seconds),
+        generator_defaults(fal_defaults()),
+    )
+    servicer = AutoSegmentServicer(queue, info, limits, config.max_message_bytes)
+    options = [("grpc.max_send_message_length", config.max_message_bytes),
+               ("grpc.max_receive_message_length", config.max_message_bytes)]
+    interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    pb_grpc.add_AutoSegmentServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert and config.tls_key:
+        credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
+                                                    Path(config.tls_cert).read_bytes())])
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
+    running = RunningServer(server, port, health_servicer, queue, servicer, config)
+    await running.set_serving(False)
+    await server.start()
+    await running.set_serving(True)
+    log.info("serving %s (%s weights) on %s:%d", manifest.model, manifest.weights.origin, config.host, port)
+    return running
+
+
+async def serve_forever(config: ServerConfig) -> int:
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"sam2serve listening on {config.host}:{running.port}", flush=True)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", config.drain_seconds)
+    drained = await running.shutdown()
+    return 0 if drained else 1

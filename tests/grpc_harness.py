@@ -22,7 +22,9 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.running: RunningServer = self.run(start_server(replace(config, host="127.0.0.1", port=0), engine))
+        metrics_port = 0 if config.metrics_port >= 0 else -1  # a free port each, never the default 9090
+        self.running: RunningServer = self.run(
+            start_server(replace(config, host="127.0.0.1", port=0, metrics_port=metrics_port), engine))
         self.address = f"127.0.0.1:{self.running.port}"
         self.channel = grpc.insecure_channel(self.address, options=[
             ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])

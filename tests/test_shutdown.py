@@ -24,7 +24,7 @@ Health = health_pb2.HealthCheckResponse
 
 def test_sigterm_drains_in_flight_and_queued_work(tiny_engine_dir):
     env = {**os.environ, "SAM2SERVE_ENGINES": str(tiny_engine_dir), "SAM2SERVE_PORT": "0",
-           "SAM2SERVE_HOST": "127.0.0.1", "SAM2SERVE_DRAIN_SECONDS": "120"}
+           "SAM2SERVE_HOST": "127.0.0.1", "SAM2SERVE_DRAIN_SECONDS": "120", "SAM2SERVE_METRICS_PORT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "sam2serve.cli", "serve"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

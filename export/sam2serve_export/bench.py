@@ -23,7 +23,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path)
     p.add_argument("--cache-dir", type=Path, default=Path("checkpoints"))
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: all cores)")
-    p.add_argument("--max-decoder-batch", type=int, default=16)
+    p.add_argument("--max-decoder-batch", type=int, default=8)
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--json", action="store_true")
     add_generator_flags(p)

@@ -53,8 +53,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .engines import ManifestError
     from .transport.server import serve_forever
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from(args)
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"sam2serve config: {config.describe()}", flush=True)
     try:
         return asyncio.run(serve_forever(config))

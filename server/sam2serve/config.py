@@ -15,12 +15,13 @@ class ServerConfig:
     engines: Path = Path("engines/sam2.1_hiera_tiny")
     host: str = "0.0.0.0"
     port: int = 50051
-    metrics_port: int = 9090  # 0 disables the metrics endpoint
+    metrics_port: int = 9090  # -1 disables the metrics endpoint; 0 picks a free port
     workers: int = 1  # jobs run at once (each uses every core through ONNX Runtime)
     queue_size: int = 32  # jobs waiting; beyond that RESOURCE_EXHAUSTED
+    backend: str = "onnx"  # onnx (ONNX Runtime) or tensorrt (plans built by `sam2serve export trt`)
     providers: str = ""  # comma-separated onnxruntime providers; empty: best available
     threads: int = 0  # onnxruntime intra-op threads; 0: all cores
-    max_decoder_batch: int = 16
+    max_decoder_batch: int = 8  # prompts per decoder run; ≈ 80 MB each in ORT on CPU
     max_message_bytes: int = 64 * 1024 * 1024
     result_ttl_seconds: float = 600.0
     result_store_bytes: int = 512 * 1024 * 1024
@@ -33,6 +34,7 @@ class ServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     allow_private_urls: bool = False
+    log_level: str = "INFO"
 
     def input_limits(self) -> InputLimits:
         return InputLimits(max_image_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,

@@ -28,7 +28,7 @@ from .nms import nms
 from .params import GeneratorParams
 from .rle import decode_rle, encode_rle, rle_area
 
-DEFAULT_MAX_DECODER_BATCH = 16  # ORT's CPU decoder needs ≈ 80 MB per prompt in a batch
+DEFAULT_MAX_DECODER_BATCH = 8  # ORT CPU decoder: ≈ 80 MB per prompt in a batch; 8 keeps peak RSS ≈ 2 GB
 LOW_RES_CLAMP = 32.0  # the predictor clamps low-res logits fed back as mask input
 
 

@@ -11,8 +11,9 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and d
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, api_key: str) -> None:
+    def __init__(self, api_key: str, on_reject: Callable[[], None] = lambda: None) -> None:
         self._key = api_key.encode()
+        self._on_reject = on_reject
 
     def _authorised(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
         for name, value in metadata:
@@ -33,6 +34,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._authorised(tuple(details.invocation_metadata or ())):
             return handler
+        self._on_reject()
         return _deny(handler)
 
 

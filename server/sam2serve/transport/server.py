@@ -17,7 +17,8 @@ from ..amg import AutoMaskGenerator
 from ..amg.params import fal_defaults
 from ..config import ServerConfig
 from ..engines import open_engine
-from ..jobs import InProcessJobQueue
+from ..jobs import InProcessJobQueue, Job, JobState
+from ..metrics import Metrics, create_metrics, describe_server, serve_metrics
 from ..pipeline import run_segment
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
@@ -37,6 +38,9 @@ class RunningServer:
     queue: InProcessJobQueue
     servicer: AutoSegmentServicer
     config: ServerConfig
+    metrics: Metrics
+    metrics_port: int | None = None
+    _metrics_http: object | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -51,6 +55,8 @@ class RunningServer:
             log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
         await self.server.stop(grace=5.0)
         await self.queue.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()  # type: ignore[attr-defined]
         return drained
 
 
@@ -58,9 +64,12 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
     """Load (or take) the engines, warm them, and start serving on config.host:config.port."""
     loop = asyncio.get_running_loop()
     if engine is None:
-        providers = [p for p in config.providers.split(",") if p] or None
-        engine = await loop.run_in_executor(None, lambda: open_engine(
-            str(config.engines), providers=providers, intra_op_threads=config.threads))
+        if config.backend == "tensorrt":
+            engine = await loop.run_in_executor(None, lambda: open_engine(str(config.engines), backend="tensorrt"))
+        else:
+            providers = [p for p in config.providers.split(",") if p] or None
+            engine = await loop.run_in_executor(None, lambda: open_engine(
+                str(config.engines), providers=providers, intra_op_threads=config.threads))
     manifest = engine.manifest  # type: ignore[attr-defined]
     if not manifest.weights.trained:
         log.warning("UNTRAINED WEIGHTS: serving randomly initialised %s engines; masks are meaningless",
@@ -71,8 +80,10 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
     def runner(request, should_stop, on_progress, log_line):
         return run_segment(request, generator, input_limits, should_stop, on_progress, log_line)
 
+    metrics = create_metrics()
     queue = InProcessJobQueue(runner, workers=config.workers, queue_size=config.queue_size,
-                              result_ttl_s=config.result_ttl_seconds, result_store_bytes=config.result_store_bytes)
+                              result_ttl_s=config.result_ttl_seconds, result_store_bytes=config.result_store_bytes,
+                              on_finished=lambda job: observe_job(metrics, job))
     limits = RequestLimits(max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers)
     info = server_info(
         manifest, list(getattr(engine, "active_providers", engine.providers)),  # type: ignore[attr-defined]
@@ -83,10 +94,13 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
                   result_ttl_seconds=config.result_ttl_seconds),
         generator_defaults(fal_defaults()),
     )
-    servicer = AutoSegmentServicer(queue, info, limits, config.max_message_bytes)
+    servicer = AutoSegmentServicer(queue, info, limits, config.max_message_bytes, metrics)
+    describe_server(metrics, info.version, manifest.model, manifest.weights.origin, info.model.untrained,
+                    info.model.backend, ",".join(info.model.providers), queue.depth)
     options = [("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.max_receive_message_length", config.max_message_bytes)]
-    interceptors = [ApiKeyInterceptor(config.api_key)] if config.api_key else []
+    interceptors = ([ApiKeyInterceptor(config.api_key, metrics.rejected.labels("unauthenticated").inc)]
+                    if config.api_key else [])
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_AutoSegmentServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -100,12 +114,29 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
-    running = RunningServer(server, port, health_servicer, queue, servicer, config)
+    running = RunningServer(server, port, health_servicer, queue, servicer, config, metrics)
+    if config.metrics_port >= 0:
+        http, _ = serve_metrics(metrics, config.host, config.metrics_port)
+        running._metrics_http, running.metrics_port = http, http.server_port
     await running.set_serving(False)
     await server.start()
     await running.set_serving(True)
     log.info("serving %s (%s weights) on %s:%d", manifest.model, manifest.weights.origin, config.host, port)
     return running
+
+
+def observe_job(metrics: Metrics, job: Job) -> None:
+    """Job-level metrics, recorded when a job ends."""
+    end = job.finished_at or job.submitted_at
+    metrics.job_seconds.labels(job.state.name.lower()).observe(end - job.submitted_at)
+    if job.started_at is not None:
+        metrics.queue_wait_seconds.observe(job.started_at - job.submitted_at)
+    if job.state is JobState.COMPLETED and job.outcome is not None:
+        for stage, seconds in job.outcome.timings.items():
+            metrics.stage_seconds.labels(stage).observe(seconds)
+        metrics.masks_per_image.observe(job.outcome.rendered.mask_count)
+        h, w = job.outcome.image_hw
+        metrics.image_megapixels.observe(h * w / 1e6)
 
 
 async def serve_forever(config: ServerConfig) -> int:
@@ -114,7 +145,8 @@ async def serve_forever(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"sam2serve listening on {config.host}:{running.port}", flush=True)
+    print(f"sam2serve listening on {config.host}:{running.port}"
+          + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", config.drain_seconds)
     drained = await running.shutdown()

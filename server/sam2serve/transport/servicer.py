@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
 from .. import __version__
-from ..errors import ResultTooLarge, Sam2ServeError
+from ..errors import InvalidInput, QueueFull, ResultTooLarge, Sam2ServeError, ShuttingDown
 from ..grpc_status import status_for
 from ..jobs import CancelOutcome, InProcessJobQueue, JobSnapshot, JobState
+from ..metrics import Metrics
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
 from .convert import RequestLimits, to_response, to_segment_request, to_status
@@ -24,15 +29,69 @@ _CANCEL = {CancelOutcome.CANCELLED_IN_QUEUE: pb.CancelResponse.CANCELLED_IN_QUEU
            CancelOutcome.ALREADY_FINISHED: pb.CancelResponse.ALREADY_FINISHED}
 
 
+_REJECTION_REASONS = ((QueueFull, "queue_full"), (ShuttingDown, "shutting_down"),
+                      (ResultTooLarge, "result_too_large"), (InvalidInput, "invalid_argument"))
+
+
+def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
+    """Count the call by method and final status code, and time it (sam2serve_requests_total, ...)."""
+    name = rpc.__name__
+
+    def record(self: AutoSegmentServicer, start: float, context: grpc.aio.ServicerContext,
+               exc: BaseException | None) -> None:
+        if exc is None:
+            code = "OK"
+        elif isinstance(exc, asyncio.CancelledError):
+            code = "CANCELLED"
+        else:
+            got = context.code()
+            code = got.name if isinstance(got, grpc.StatusCode) else "UNKNOWN"
+        self.metrics.requests.labels(name, code).inc()
+        self.metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
+
+    if inspect.isasyncgenfunction(rpc):
+        @functools.wraps(rpc)
+        async def streaming(self: AutoSegmentServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start, error = time.perf_counter(), None
+            try:
+                async for item in rpc(self, request, context):
+                    yield item
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                record(self, start, context, error)
+
+        return streaming
+
+    @functools.wraps(rpc)
+    async def unary(self: AutoSegmentServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start, error = time.perf_counter(), None
+        try:
+            return await rpc(self, request, context)
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            record(self, start, context, error)
+
+    return unary
+
+
 class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     def __init__(self, queue: InProcessJobQueue, info: pb.ServerInfo, limits: RequestLimits,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, metrics: Metrics) -> None:
         self.queue = queue
         self.info = info
         self.limits = limits
         self.max_message_bytes = max_message_bytes
+        self.metrics = metrics
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        for kind, reason in _REJECTION_REASONS:
+            if isinstance(exc, kind):
+                self.metrics.rejected.labels(reason).inc()
+                break
         code, message = status_for(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.error("internal error in %s", type(exc).__name__, exc_info=exc)
@@ -57,6 +116,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             error = (code.value[0], message)
         return to_status(snapshot, logs, error)
 
+    @observed
     async def AutoSegment(self, request: pb.AutoSegmentRequest,
                           context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
         job_id = None
@@ -73,6 +133,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             await self._fail(context, e)
             raise  # unreachable: abort raises
 
+    @observed
     async def Submit(self, request: pb.AutoSegmentRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
         try:
             snapshot = await self.queue.submit(to_segment_request(request, self.limits))
@@ -81,6 +142,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             raise
         return pb.SubmitResponse(request_id=snapshot.id, queue_position=snapshot.queue_position)
 
+    @observed
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.RequestStatus:
         try:
             return self._status(self.queue.status(request.request_id), request.logs)
@@ -88,6 +150,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             await self._fail(context, e)
             raise
 
+    @observed
     async def WatchStatus(self, request: pb.StatusRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RequestStatus]:
         try:
@@ -96,6 +159,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
         except Sam2ServeError as e:
             await self._fail(context, e)
 
+    @observed
     async def GetResult(self, request: pb.ResultRequest,
                         context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
         try:
@@ -104,6 +168,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             await self._fail(context, e)
             raise
 
+    @observed
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         try:
             outcome, snapshot = self.queue.cancel(request.request_id)
@@ -112,6 +177,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             raise
         return pb.CancelResponse(outcome=_CANCEL[outcome], status=self._status(snapshot, False))
 
+    @observed
     async def Subscribe(self, request: pb.AutoSegmentRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SubscribeEvent]:
         job_id = None
@@ -127,6 +193,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
         except Exception as e:
             await self._fail(context, e)
 
+    @observed
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         return self.info
 

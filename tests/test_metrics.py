@@ -1,0 +1,102 @@
+"""Metrics: the right series after real calls, valid exposition (promtool), and a real Prometheus server
+scraping a running sam2serve and answering PromQL."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import needs_export_tools
+from grpc_harness import ServerThread, quick_request
+from sam2serve.config import ServerConfig
+
+pytestmark = needs_export_tools
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    s = ServerThread(ServerConfig(queue_size=4), tiny_engine)
+    s.stub.AutoSegment(quick_request(), timeout=120)
+    with pytest.raises(grpc.RpcError):
+        s.stub.AutoSegment(quick_request(points_per_side=0), timeout=30)
+    yield s
+    s.stop()
+
+
+def scrape(server: ServerThread) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_series_after_real_calls(server):
+    got = samples(scrape(server))
+    assert got[("sam2serve_requests_total", frozenset({"rpc": "AutoSegment", "code": "OK"}.items()))] >= 1
+    assert got[("sam2serve_requests_total", frozenset({"rpc": "AutoSegment", "code": "INVALID_ARGUMENT"}.items()))] >= 1
+    assert got[("sam2serve_rejected_requests_total", frozenset({"reason": "invalid_argument"}.items()))] >= 1
+    assert got[("sam2serve_untrained_weights", frozenset())] == 1
+    build = [labels for (name, labels) in got if name == "sam2serve_build_info"]
+    assert build and dict(build[0])["untrained"] == "true" and dict(build[0])["model"] == "sam2.1_hiera_tiny"
+    for stage in ("image", "encoder", "decoder", "postprocess", "output"):
+        assert got[("sam2serve_stage_duration_seconds_count", frozenset({"stage": stage}.items()))] >= 1
+    assert got[("sam2serve_job_duration_seconds_count", frozenset({"outcome": "completed"}.items()))] >= 1
+    assert got[("sam2serve_masks_per_image_count", frozenset())] >= 1
+    assert got[("sam2serve_queue_depth", frozenset())] == 0 and got[("sam2serve_jobs_in_progress", frozenset())] == 0
+    assert not any("request_id" in dict(labels) for _, labels in got)
+
+
+def test_promtool_accepts_the_exposition(server):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    result = subprocess.run([promtool, "check", "metrics"], input=scrape(server), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_prometheus_scrapes_and_answers_promql(server, tmp_path):
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("prometheus (Debian package prometheus) is not installed")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [
+        {"job_name": "sam2serve", "static_configs": [{"targets": [f"127.0.0.1:{server.running.metrics_port}"]}]}]}))
+    port = _free_port()
+    proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    query = urllib.parse.quote('sum(sam2serve_requests_total{rpc="AutoSegment",code="OK"})')
+    deadline, value = time.monotonic() + 90, None
+    try:
+        while time.monotonic() < deadline and value is None:  # poll Prometheus's API until it has scraped us
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={query}", timeout=5) as r:
+                    result = json.loads(r.read())["data"]["result"]
+                value = float(result[0]["value"][1]) if result else None
+            except OSError:
+                value = None
+            if value is None:
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert value is not None and value >= 1

@@ -22,8 +22,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_checkpoint_round_trip_gives_identical_engines(tiny_checkpoint, tiny_engine_dir, tmp_path):
+    from sam2serve.engines.manifest import sha256_file
     from sam2serve_export.build import build_engines
-    from sam2serve_export.download import sha256_of_file
     from sam2serve_export.models import get_model_spec
     from sam2serve_export.weights import WeightsChoice
 
@@ -34,7 +34,7 @@ def test_checkpoint_round_trip_gives_identical_engines(tiny_checkpoint, tiny_eng
     for role in ("encoder", "decoder"):
         assert manifest.engines[role].sha256 == untrained.engines[role].sha256, role
     assert manifest.weights.origin == "checkpoint" and manifest.weights.trained
-    assert manifest.weights.sha256 == sha256_of_file(tiny_checkpoint)
+    assert manifest.weights.sha256 == sha256_file(tiny_checkpoint)
 
 
 def test_wrong_model_for_checkpoint_is_explained(tiny_checkpoint):

@@ -6,7 +6,6 @@ The file only ever appears under its final name after its digest matched; until 
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import urllib.error
@@ -15,6 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sam2serve.engines.manifest import sha256_file
+
 from .errors import ChecksumMismatchError, DownloadError
 from .models import ModelSpec
 
@@ -22,12 +23,6 @@ CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 60.0
 
 
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_checkpoint(
@@ -45,7 +40,7 @@ def download_checkpoint(
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / spec.filename
     if target.exists():
-        actual = sha256_of_file(target)
+        actual = sha256_file(target)
         if actual == expected:
             return target
         target.unlink()  # a stale or foreign file under the final name is never trusted
@@ -53,7 +48,7 @@ def download_checkpoint(
     part = target.with_name(target.name + ".part")
     url = spec.url(base_url)
     _fetch_into(url, part, progress=progress)
-    actual = sha256_of_file(part)
+    actual = sha256_file(part)
     if actual != expected:
         part.unlink()
         raise ChecksumMismatchError(

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 
 from sam2serve.amg.params import GeneratorParams, fal_defaults
-from sam2serve.engines.manifest import Manifest
+from sam2serve.engines.manifest import Manifest, sha256_file
 
 from .checkpoint import build_model, build_untrained_model, load_official_checkpoint
-from .download import sha256_of_file
 from .errors import CheckpointError
 from .models import get_model_spec
 
@@ -60,7 +59,7 @@ def torch_model_for(manifest: Manifest, checkpoint: Path | None, cache_dir: Path
     path = checkpoint or cache_dir / spec.filename
     if not path.is_file():
         raise CheckpointError(f"the engines were exported from {weights.source}; pass --checkpoint with that file")
-    if sha256_of_file(path) != weights.sha256:
+    if sha256_file(path) != weights.sha256:
         raise CheckpointError(f"{path} is not the checkpoint these engines came from (SHA-256 differs)")
     model = build_model(spec)
     load_official_checkpoint(model, spec, path)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sam2serve.engines.base import DecodedMasks, ImageFeatures
+from sam2serve.engines.base import AllTokensEngine, ImageFeatures
 from sam2serve.engines.manifest import Manifest
-from sam2serve.engines.mask_selection import select_tokens
 
 LOW_RES = 256
 TOKEN_RADIUS = np.array([0.18, 0.06, 0.16, 0.40], np.float32)  # fraction of the image side
@@ -64,7 +63,7 @@ def synthetic_decode(image: np.ndarray, coords: np.ndarray,
     return logits.astype(np.float32), iou
 
 
-class SyntheticEngine:
+class SyntheticEngine(AllTokensEngine):
     """Our side: an Engine whose encoder keeps the image and whose decoder is `synthetic_decode`."""
 
     def __init__(self, manifest: Manifest) -> None:
@@ -77,11 +76,10 @@ class SyntheticEngine:
         empty = np.zeros((1, 1, 1, 1), np.float32)
         return ImageFeatures(empty, empty, empty)
 
-    def decode(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
-               mask_input: np.ndarray | None = None, multimask: bool = True) -> DecodedMasks:
+    def decode_all_tokens(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
+                          mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         assert self._image is not None
-        masks, iou = synthetic_decode(self._image, point_coords, None if mask_input is None else mask_input[:, 0])
-        return DecodedMasks(*select_tokens(masks, iou, multimask, self.manifest))
+        return synthetic_decode(self._image, point_coords, None if mask_input is None else mask_input[:, 0])
 
     def close(self) -> None:
         pass

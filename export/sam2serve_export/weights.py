@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from sam2serve.engines.manifest import Weights
+from sam2serve.engines.manifest import Weights, sha256_file
 
 from .checkpoint import build_model, build_untrained_model, load_official_checkpoint
-from .download import download_checkpoint, sha256_of_file
+from .download import download_checkpoint
 from .models import ModelSpec
 
 
@@ -42,4 +42,4 @@ def load_model(spec: ModelSpec, choice: WeightsChoice, progress: bool = True) ->
         raise ValueError("choose weights: a checkpoint, a download, or untrained with a seed")
     model = build_model(spec)
     load_official_checkpoint(model, spec, path)
-    return model, Weights(origin, sha256=sha256_of_file(path), source=source)
+    return model, Weights(origin, sha256=sha256_file(path), source=source)

@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from .manifest import Manifest
+from .mask_selection import select_tokens
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,28 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class AllTokensEngine:
+    """Shared part of backends whose decoder returns every mask token (as our exported graphs do): the
+    token selection of `Engine.decode` and warm-up. Subclasses provide `encode` and `decode_all_tokens`."""
+
+    manifest: Manifest
+
+    def encode(self, image: np.ndarray) -> ImageFeatures:
+        raise NotImplementedError
+
+    def decode_all_tokens(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
+                          mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and IoU of every mask token: [B, T, 256, 256] and [B, T]."""
+        raise NotImplementedError
+
+    def decode(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
+               mask_input: np.ndarray | None = None, multimask: bool = True) -> DecodedMasks:
+        masks, iou = self.decode_all_tokens(features, point_coords, point_labels, mask_input)
+        return DecodedMasks(*select_tokens(masks, iou, multimask, self.manifest))
+
+    def warm_up(self) -> None:
+        size = self.manifest.image_size
+        features = self.encode(np.zeros((1, 3, size, size), dtype=np.float32))
+        self.decode(features, np.full((1, 1, 2), size / 2, np.float32), np.ones((1, 1), np.float32))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .base import DecodedMasks, ImageFeatures
+from .base import AllTokensEngine, ImageFeatures
 from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from .manifest import (
     Manifest,
@@ -18,7 +18,6 @@ from .manifest import (
     read_manifest,
     verify_engine_files,
 )
-from .mask_selection import select_tokens
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ def session_signature(args: list[ort.NodeArg]) -> list[TensorSpec]:
     return [TensorSpec(a.name, _ORT_DTYPES.get(a.type, a.type), list(a.shape)) for a in args]
 
 
-class OnnxEngine:
+class OnnxEngine(AllTokensEngine):
     """Opens a validated engine directory and runs its encoder/decoder as plain numpy in/out."""
 
     def __init__(
@@ -104,26 +103,9 @@ class OnnxEngine:
     def active_providers(self) -> list[str]:
         return self._decoder.get_providers()
 
-    def warm_up(self) -> None:
-        size = self.manifest.image_size
-        features = self.encode(np.zeros((1, 3, size, size), dtype=np.float32))
-        self.decode(features, np.full((1, 1, 2), size / 2, np.float32), np.ones((1, 1), np.float32))
-
     def encode(self, image: np.ndarray) -> ImageFeatures:
         outputs = self._encoder.run(list(ENCODER_OUTPUTS), {"image": np.ascontiguousarray(image, np.float32)})
         return ImageFeatures(*outputs)
-
-    def decode(
-        self,
-        features: ImageFeatures,
-        point_coords: np.ndarray,
-        point_labels: np.ndarray,
-        mask_input: np.ndarray | None = None,
-        multimask: bool = True,
-    ) -> DecodedMasks:
-        masks, iou = self.decode_all_tokens(features, point_coords, point_labels, mask_input)
-        masks, iou = select_tokens(masks, iou, multimask, self.manifest)
-        return DecodedMasks(masks, iou)
 
     def decode_all_tokens(
         self,

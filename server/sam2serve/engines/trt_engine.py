@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import DecodedMasks, ImageFeatures
+from .base import AllTokensEngine, ImageFeatures
 from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from .manifest import (
     Manifest,
@@ -31,7 +31,6 @@ from .manifest import (
     sha256_file,
     verify_engine_files,
 )
-from .mask_selection import select_tokens
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +292,7 @@ class _PlanRunner:
         self._buffers.free()
 
 
-class TensorRTEngine:
+class TensorRTEngine(AllTokensEngine):
     """Opens an engine directory's TensorRT plans for this GPU; same interface as OnnxEngine."""
 
     def __init__(
@@ -377,26 +376,10 @@ class TensorRTEngine:
             raise RuntimeError("the TensorRT engine is closed")
         return runner
 
-    def warm_up(self) -> None:
-        size = self.manifest.image_size
-        features = self.encode(np.zeros((1, 3, size, size), dtype=np.float32))
-        self.decode(features, np.full((1, 1, 2), size / 2, np.float32), np.ones((1, 1), np.float32))
-
     def encode(self, image: np.ndarray) -> ImageFeatures:
         with self._lock:
             outputs = self._runner("encoder").run({"image": image})
         return ImageFeatures(*outputs)
-
-    def decode(
-        self,
-        features: ImageFeatures,
-        point_coords: np.ndarray,
-        point_labels: np.ndarray,
-        mask_input: np.ndarray | None = None,
-        multimask: bool = True,
-    ) -> DecodedMasks:
-        masks, iou = self.decode_all_tokens(features, point_coords, point_labels, mask_input)
-        return DecodedMasks(*select_tokens(masks, iou, multimask, self.manifest))
 
     def decode_all_tokens(
         self,

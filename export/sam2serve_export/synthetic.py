@@ -91,28 +91,29 @@ def inject_synthetic_decoder(model: torch.nn.Module) -> None:
     token selection `_dynamic_multimask_via_stability`."""
     state: dict[str, np.ndarray] = {}
     decoder = model.sam_mask_decoder
+    device = next(model.parameters()).device  # on CUDA, Meta's small-region step runs its CUDA kernel
     sizes = ((decoder.conv_s0.out_channels, 256), (decoder.conv_s1.out_channels, 128),
              (model.sam_prompt_encoder.embed_dim, 64))
 
     def forward_image(img_batch: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         state["image"] = low_res_image(img_batch.detach().cpu().numpy())
-        fpn = [torch.zeros(1, c, s, s) for c, s in sizes]
+        fpn = [torch.zeros(1, c, s, s, device=device) for c, s in sizes]
         return {"vision_features": fpn[-1], "vision_pos_enc": [torch.zeros_like(f) for f in fpn],
                 "backbone_fpn": fpn}
 
     def prompt_encoder(points, boxes, masks):
         coords = points[0]
-        sparse = torch.zeros(coords.shape[0], 2, 4)
+        sparse = torch.zeros(coords.shape[0], 2, 4, device=device)
         sparse[:, 0, :2] = coords[:, 0, :]
         sparse[:, 1, 0] = 0.0 if masks is None else 1.0
         return sparse, masks
 
     def mask_decoder(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                      multimask_output, repeat_image, high_res_features=None):
-        coords = sparse_prompt_embeddings[:, :1, :2].numpy()
-        mask_input = None if dense_prompt_embeddings is None else dense_prompt_embeddings[:, 0].numpy()
+        coords = sparse_prompt_embeddings[:, :1, :2].cpu().numpy()
+        mask_input = None if dense_prompt_embeddings is None else dense_prompt_embeddings[:, 0].cpu().numpy()
         masks, iou = synthetic_decode(state["image"], coords, mask_input)
-        masks_t, iou_t = torch.from_numpy(masks), torch.from_numpy(iou)
+        masks_t, iou_t = torch.from_numpy(masks).to(device), torch.from_numpy(iou).to(device)
         if multimask_output:
             return masks_t[:, 1:], iou_t[:, 1:], None, None
         if decoder.dynamic_multimask_via_stability:

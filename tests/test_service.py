@@ -242,3 +242,52 @@ def test_reflection_with_buf_curl(server, tmp_path: Path):
     listing = subprocess.run([buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--list-methods",
                               f"http://{server.address}"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert "sam2serve.v1.AutoSegmentService/Subscribe" in listing.stdout
+
+
+def test_webhook_is_called_when_a_queued_request_ends(tiny_engine):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+    arrived = threading.Event()
+
+    class Hook(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+            arrived.set()
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    server = ServerThread(ServerConfig(allow_private_urls=True), tiny_engine)  # the hook listens on loopback
+    try:
+        url = f"http://127.0.0.1:{hook.server_address[1]}/done"
+        request_id = server.stub.Submit(quick_request(webhook_url=url), timeout=10).request_id
+        assert arrived.wait(120)
+        assert received == [{"request_id": request_id, "status": "COMPLETED"}]
+    finally:
+        server.stop()
+        hook.shutdown()
+
+
+def test_tls(tiny_engine, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    server = ServerThread(ServerConfig(tls_cert=str(cert), tls_key=str(key)), tiny_engine)
+    try:
+        with grpc.secure_channel(server.address, grpc.ssl_channel_credentials(cert.read_bytes())) as channel:
+            from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
+
+            assert pb_grpc.AutoSegmentServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30).model.name
+        with pytest.raises(grpc.RpcError):  # plaintext is refused
+            server.stub.GetInfo(pb.GetInfoRequest(), timeout=5)
+    finally:
+        server.stop()

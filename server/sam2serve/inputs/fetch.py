@@ -400,25 +400,31 @@ def _read_body(response: http.client.HTTPResponse, conn: _PinnedConnection, limi
     return bytes(body)
 
 
-def _fetch_once(target: _Target, limits: InputLimits, deadline: _Deadline, where: str) -> tuple[int, str, bytes]:
-    """One request: (status, Location or "", body — read only for 2xx)."""
+def _checked_addresses(target: _Target, limits: InputLimits, deadline: _Deadline, where: str) -> list[IPAddress]:
+    """The addresses `target` may be connected to, or ImageFetchError naming the refusal."""
     if target.literal is not None:
         addresses = [target.literal]
         for ip in addresses:
             reason = address_refusal(target.host, ip, limits)
             if reason:
                 raise ImageFetchError(f"{where} points at {ip}, {reason}; only public addresses are allowed")
-    else:
-        allowed_by_name = _normalise_host(target.host) in _allow_list(limits.allow_hosts).names
-        if _normalise_host(target.host) in METADATA_HOSTS and not allowed_by_name:
-            raise ImageFetchError(f"{where}: host {target.host!r} is a cloud metadata endpoint; not allowed")
-        timeout = deadline.bounded(limits.fetch_connect_timeout_s)
-        addresses = _resolve(target.host, target.port, timeout, where)
-        for ip in addresses:
-            reason = address_refusal(target.host, ip, limits)
-            if reason:  # the address itself is not shown: it would reveal internal DNS to the caller
-                raise ImageFetchError(f"{where}: host {target.host!r} resolves to {reason}; "
-                                      f"only public addresses are allowed")
+        return addresses
+    allowed_by_name = _normalise_host(target.host) in _allow_list(limits.allow_hosts).names
+    if _normalise_host(target.host) in METADATA_HOSTS and not allowed_by_name:
+        raise ImageFetchError(f"{where}: host {target.host!r} is a cloud metadata endpoint; not allowed")
+    timeout = deadline.bounded(limits.fetch_connect_timeout_s)
+    addresses = _resolve(target.host, target.port, timeout, where)
+    for ip in addresses:
+        reason = address_refusal(target.host, ip, limits)
+        if reason:  # the address itself is not shown: it would reveal internal DNS to the caller
+            raise ImageFetchError(f"{where}: host {target.host!r} resolves to {reason}; "
+                                  f"only public addresses are allowed")
+    return addresses
+
+
+def _fetch_once(target: _Target, limits: InputLimits, deadline: _Deadline, where: str) -> tuple[int, str, bytes]:
+    """One request: (status, Location or "", body — read only for 2xx)."""
+    addresses = _checked_addresses(target, limits, deadline, where)
     conn = _connect(target, addresses, limits, deadline, where)
     try:
         try:
@@ -482,5 +488,32 @@ def fetch_url(url: str, limits: InputLimits) -> bytes:
             next_url = urljoin(target.url, location.strip())
             where = f"{FIELD} (redirected to {_shown(next_url)})"
             target = _parse_target(next_url, where)
+    finally:
+        deadline.cancel()
+
+
+def post_json(url: str, payload: dict, limits: InputLimits, where: str = "webhook_url") -> int:
+    """POST `payload` as JSON to `url` under the same address rules as image_url (no redirects followed).
+    Returns the HTTP status; raises ImageFetchError when the address is refused or the call fails."""
+    import json
+
+    deadline = _Deadline(limits.fetch_total_timeout_s)
+    try:
+        target = _parse_target(url, where)
+        conn = _connect(target, _checked_addresses(target, limits, deadline, where), limits, deadline, where)
+        try:
+            body = json.dumps(payload).encode()
+            conn.request("POST", target.request_target, body=body, headers={
+                "User-Agent": USER_AGENT, "Content-Type": "application/json", "Connection": "close"})
+            assert conn.sock is not None
+            conn.sock.settimeout(deadline.bounded(limits.fetch_read_timeout_s))
+            response = conn.getresponse()
+            response.read(64 * 1024)
+            return response.status
+        except (http.client.HTTPException, OSError) as exc:
+            raise ImageFetchError(f"{where}: the call failed ({type(exc).__name__})") from None
+        finally:
+            deadline.watch(None)
+            conn.close()
     finally:
         deadline.cancel()

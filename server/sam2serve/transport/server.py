@@ -17,6 +17,10 @@ from ..amg import AutoMaskGenerator
 from ..amg.params import fal_defaults
 from ..config import ServerConfig
 from ..engines import open_engine
+from ..errors import ImageFetchError
+from ..grpc_status import status_for
+from ..inputs import InputLimits
+from ..inputs.fetch import post_json
 from ..jobs import InProcessJobQueue, Job, JobState
 from ..metrics import Metrics, create_metrics, describe_server, serve_metrics
 from ..pipeline import run_segment
@@ -83,7 +87,7 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
     metrics = create_metrics()
     queue = InProcessJobQueue(runner, workers=config.workers, queue_size=config.queue_size,
                               result_ttl_s=config.result_ttl_seconds, result_store_bytes=config.result_store_bytes,
-                              on_finished=lambda job: observe_job(metrics, job))
+                              on_finished=lambda job: job_finished(job, metrics, input_limits, loop))
     limits = RequestLimits(max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers)
     info = server_info(
         manifest, list(getattr(engine, "active_providers", engine.providers)),  # type: ignore[attr-defined]
@@ -123,6 +127,24 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
     await running.set_serving(True)
     log.info("serving %s (%s weights) on %s:%d", manifest.model, manifest.weights.origin, config.host, port)
     return running
+
+
+def job_finished(job: Job, metrics: Metrics, limits: InputLimits, loop: asyncio.AbstractEventLoop) -> None:
+    observe_job(metrics, job)
+    if job.request.webhook_url:
+        payload = {"request_id": job.id, "status": job.state.name}
+        if job.error is not None:
+            payload["error"] = status_for(job.error)[1]
+        loop.run_in_executor(None, call_webhook, job.request.webhook_url, payload, limits)
+
+
+def call_webhook(url: str, payload: dict, limits: InputLimits) -> None:
+    """Best effort, off the event loop, under image_url's address rules; failures are logged."""
+    try:
+        status = post_json(url, payload, limits)
+        log.info("webhook for %s answered HTTP %d", payload["request_id"], status)
+    except ImageFetchError as e:
+        log.warning("webhook for %s not delivered: %s", payload["request_id"], e)
 
 
 def observe_job(metrics: Metrics, job: Job) -> None:

@@ -1,21 +1,21 @@
-"""Decode image files to RGB arrays (EXIF orientation applied; any mode normalised to 8-bit RGB)."""
+"""Local image files for the command-line tools (the server's inputs go through sam2serve.inputs)."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+
+from .inputs import InputLimits, decode_image
+
+# Files the operator chose on their own machine: the same decoder as requests, with generous caps.
+LOCAL_FILE_LIMITS = InputLimits(max_image_bytes=1 << 31, max_pixels=250_000_000)
 
 
 def read_rgb(source: Path | str | bytes) -> np.ndarray:
-    """HxWx3 uint8 RGB from a path or encoded bytes."""
-    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            image = image.point(lambda v: v / 256).convert("L")
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    """HxWx3 uint8 RGB (EXIF orientation applied) from a path or encoded bytes."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return decode_image(data, LOCAL_FILE_LIMITS, field="image" if isinstance(source, bytes) else str(source))
 
 
 def synthetic_scene(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:

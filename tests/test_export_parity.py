@@ -74,3 +74,24 @@ def test_single_mask_selection_matches_metas_decoder(tiny_model):
                                      decoder.dynamic_multimask_stability_thresh)
     np.testing.assert_array_equal(masks, ref_masks.numpy())
     np.testing.assert_array_equal(ious, ref_iou.numpy())
+
+
+def test_split_decoder_equals_the_whole_decoder(tiny_model, tiny_engine_dir):
+    """prompt_head + mask_head compute what decoder.onnx computes; decode_above makes masks only for
+    prompts with a multimask IoU above the threshold, and those masks are the decoder's."""
+    from sam2serve.engines.onnx_engine import OnnxEngine
+    from sam2serve_export.wrappers import example_decoder_inputs
+
+    engine = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False)
+    assert engine.can_skip_masks
+    args = example_decoder_inputs(tiny_model, 16, points=1, seed=11)
+    features = type(engine.encode(np.zeros((1, 3, 1024, 1024), np.float32)))(*(a.numpy() for a in args[:3]))
+    coords, labels = args[3].numpy(), args[4].numpy()
+    whole = engine.decode(features, coords, labels)
+    threshold = float(np.median(whole.iou_predictions.max(axis=1)))  # about half the prompts pass
+    split = engine.decode_above(features, coords, labels, threshold)
+    np.testing.assert_allclose(split.iou_predictions, whole.iou_predictions, atol=1e-6)
+    needed = (whole.iou_predictions > threshold).any(axis=1)
+    assert 0 < needed.sum() < len(needed)
+    np.testing.assert_allclose(split.low_res_logits[needed], whole.low_res_logits[needed], atol=1e-4)
+    assert not split.low_res_logits[~needed].any()

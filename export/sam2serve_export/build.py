@@ -23,7 +23,7 @@ from sam2serve.engines.manifest import (
 )
 
 from .models import ModelSpec
-from .onnx_export import DEFAULT_OPSET, export_decoder, export_encoder, onnx_signature
+from .onnx_export import DEFAULT_OPSET, export_decoder, export_decoder_heads, export_encoder, onnx_signature
 from .weights import WeightsChoice, load_model
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 PIXEL_MEAN = [0.485, 0.456, 0.406]
 PIXEL_STD = [0.229, 0.224, 0.225]
 MASK_THRESHOLD = 0.0
+ENGINE_ROLES = ("encoder", "decoder", "prompt_head", "mask_head")
 
 
 def tool_versions() -> dict[str, str]:
@@ -71,6 +72,7 @@ def build_engines(
             ("load weights", load),
             ("export encoder", lambda: export_encoder(state["model"], staging / "encoder.onnx", opset)),
             ("export decoder", lambda: export_decoder(state["model"], staging / "decoder.onnx", opset)),
+            ("export decoder heads", lambda: export_decoder_heads(state["model"], staging, opset)),
         ]
         with tqdm(steps, desc=f"export {spec.name}", unit="step", disable=not progress) as bar:
             for name, step in bar:
@@ -107,7 +109,7 @@ def make_manifest(spec: ModelSpec, model: torch.nn.Module, weights: Weights, dir
         dynamic_multimask_stability_thresh=float(decoder.dynamic_multimask_stability_thresh),
         opset=opset,
         engines={role: describe_engine_file(directory / f"{role}.onnx", *onnx_signature(directory / f"{role}.onnx"))
-                 for role in ("encoder", "decoder")},
+                 for role in ENGINE_ROLES if (directory / f"{role}.onnx").exists()},
         variants=variants or {},
         tools=tool_versions(),
         created_at=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),

@@ -10,10 +10,19 @@ from pathlib import Path
 import onnx
 import torch
 
-from sam2serve.engines.contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from sam2serve.engines.contract import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    MASK_HEAD_INPUTS,
+    MASK_HEAD_OUTPUTS,
+    PROMPT_HEAD_INPUTS,
+    PROMPT_HEAD_OUTPUTS,
+)
 from sam2serve.engines.manifest import TensorSpec
 
-from .wrappers import ImageEncoder, PromptDecoder, example_decoder_inputs
+from .wrappers import ImageEncoder, MaskHead, PromptDecoder, PromptHead, example_decoder_inputs
 
 DEFAULT_OPSET = 18
 MAX_DECODER_BATCH = 4096
@@ -26,10 +35,10 @@ def export_encoder(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSE
             ENCODER_INPUTS, ENCODER_OUTPUTS, dynamic_shapes=None)
 
 
-def export_decoder(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> None:
+def _prompt_dynamic_shapes() -> dict:
     batch = torch.export.Dim("batch", min=1, max=MAX_DECODER_BATCH)
     points = torch.export.Dim("points", min=1, max=MAX_POINTS_PER_PROMPT)
-    dynamic_shapes = {
+    return {
         "image_embed": None,
         "high_res_feats_0": None,
         "high_res_feats_1": None,
@@ -38,9 +47,27 @@ def export_decoder(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSE
         "mask_input": {0: batch},
         "has_mask_input": None,
     }
+
+
+def export_decoder(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSET) -> None:
     # Example batch/points of 2 keep the exporter from specialising those axes to 1.
     args = example_decoder_inputs(model, batch=2, points=2)
-    _export(PromptDecoder(model).eval(), args, path, opset, DECODER_INPUTS, DECODER_OUTPUTS, dynamic_shapes)
+    _export(PromptDecoder(model).eval(), args, path, opset, DECODER_INPUTS, DECODER_OUTPUTS,
+            _prompt_dynamic_shapes())
+
+
+def export_decoder_heads(model: torch.nn.Module, directory: Path, opset: int = DEFAULT_OPSET) -> None:
+    """prompt_head.onnx + mask_head.onnx: the decoder split so that masks are made only where needed."""
+    args = example_decoder_inputs(model, batch=2, points=2)
+    _export(PromptHead(model).eval(), args, directory / "prompt_head.onnx", opset, PROMPT_HEAD_INPUTS,
+            PROMPT_HEAD_OUTPUTS, _prompt_dynamic_shapes())
+    with torch.no_grad():
+        _, mask_tokens, image_tokens = PromptHead(model).eval()(*args)
+    batch = torch.export.Dim("batch", min=1, max=MAX_DECODER_BATCH)
+    _export(MaskHead(model).eval(), (image_tokens, mask_tokens, args[1], args[2]), directory / "mask_head.onnx",
+            opset, MASK_HEAD_INPUTS, MASK_HEAD_OUTPUTS,
+            {"image_tokens": {0: batch}, "mask_tokens": {0: batch}, "high_res_feats_0": None,
+             "high_res_feats_1": None})
 
 
 def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int,

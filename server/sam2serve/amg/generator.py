@@ -170,7 +170,13 @@ class AutoMaskGenerator:
         engine, size = self.engine, self.engine.manifest.image_size
         coords = to_model_coords(pts, crop_hw, size)[:, None, :]
         labels = np.ones((len(pts), 1), np.float32)
-        out = engine.decode(features, coords, labels, multimask=p.multimask_output)  # type: ignore[arg-type]
+        if (p.multimask_output and not p.use_m2m and p.pred_iou_thresh > 0.0
+                and getattr(engine, "can_skip_masks", False)):
+            # Candidates at or below the IoU threshold are dropped before their logits are read, so prompts
+            # without a single candidate above it need no masks: the split decoder skips their mask head.
+            out = engine.decode_above(features, coords, labels, p.pred_iou_thresh)  # type: ignore[attr-defined]
+        else:
+            out = engine.decode(features, coords, labels, multimask=p.multimask_output)  # type: ignore[arg-type]
         per_prompt = out.low_res_logits.shape[1]
         logits = out.low_res_logits.reshape(-1, *out.low_res_logits.shape[2:])
         iou = out.iou_predictions.reshape(-1)

@@ -8,8 +8,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .base import AllTokensEngine, ImageFeatures
-from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from .base import AllTokensEngine, DecodedMasks, ImageFeatures
+from .contract import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    MASK_HEAD_INPUTS,
+    MASK_HEAD_OUTPUTS,
+    PROMPT_HEAD_INPUTS,
+    PROMPT_HEAD_OUTPUTS,
+)
 from .manifest import (
     Manifest,
     ManifestError,
@@ -18,6 +27,7 @@ from .manifest import (
     read_manifest,
     verify_engine_files,
 )
+from .mask_selection import select_multimask
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +60,8 @@ class OnnxEngine(AllTokensEngine):
     ) -> None:
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory)
-        roles = [encoder_variant, "decoder"]
+        self.manifest_split = {"prompt_head", "mask_head"} <= set(self.manifest.engines)
+        roles = [encoder_variant, "decoder", *(["prompt_head", "mask_head"] if self.manifest_split else [])]
         if verify_hashes:
             verify_engine_files(self.directory, self.manifest, roles)
         self.providers = list(providers) if providers else default_providers()
@@ -75,6 +86,10 @@ class OnnxEngine(AllTokensEngine):
         self._encoder = self._open(encoder_variant, options, ENCODER_INPUTS, ENCODER_OUTPUTS)
         options.enable_cpu_mem_arena = decoder_mem_arena
         self._decoder = self._open("decoder", options, DECODER_INPUTS, DECODER_OUTPUTS)
+        self._prompt_head = self._mask_head = None
+        if self.manifest_split:
+            self._prompt_head = self._open("prompt_head", options, PROMPT_HEAD_INPUTS, PROMPT_HEAD_OUTPUTS)
+            self._mask_head = self._open("mask_head", options, MASK_HEAD_INPUTS, MASK_HEAD_OUTPUTS)
         if not self.manifest.weights.trained:
             log.warning(
                 "UNTRAINED WEIGHTS: engines in %s were exported from randomly initialised %s (seed %s); "
@@ -115,6 +130,33 @@ class OnnxEngine(AllTokensEngine):
         mask_input: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The raw graph: logits and IoU of every mask token, [B, T, 256, 256] and [B, T]."""
+        masks, iou = self._decoder.run(list(DECODER_OUTPUTS),
+                                       self._prompt_feeds(features, point_coords, point_labels, mask_input))
+        return masks, iou
+
+    @property
+    def can_skip_masks(self) -> bool:
+        """True when the split decoder is available (`decode_above`)."""
+        return self._prompt_head is not None
+
+    def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
+                     iou_threshold: float) -> DecodedMasks:
+        """Multimask decoding that makes masks only for prompts with some multimask IoU above `iou_threshold`;
+        the other prompts' logits are left at zero (callers filter them out by IoU)."""
+        assert self._prompt_head is not None and self._mask_head is not None
+        iou, mask_tokens, image_tokens = self._prompt_head.run(
+            list(PROMPT_HEAD_OUTPUTS), self._prompt_feeds(features, point_coords, point_labels, None))
+        size = self.manifest.low_res_mask_size
+        masks = np.zeros((len(iou), iou.shape[1], size, size), np.float32)
+        rows = np.flatnonzero((iou[:, 1:] > iou_threshold).any(axis=1))
+        if len(rows):
+            masks[rows] = self._mask_head.run(list(MASK_HEAD_OUTPUTS), {
+                "image_tokens": image_tokens[rows], "mask_tokens": mask_tokens[rows],
+                "high_res_feats_0": features.high_res_feats_0, "high_res_feats_1": features.high_res_feats_1})[0]
+        return DecodedMasks(*select_multimask(masks, iou))
+
+    def _prompt_feeds(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
+                      mask_input: np.ndarray | None) -> dict[str, np.ndarray]:
         batch = point_coords.shape[0]
         low_res = self.manifest.low_res_mask_size
         if mask_input is None:
@@ -122,7 +164,7 @@ class OnnxEngine(AllTokensEngine):
             has_mask = np.zeros(1, np.float32)
         else:
             has_mask = np.ones(1, np.float32)
-        feeds = {
+        return {
             "image_embed": features.image_embed,
             "high_res_feats_0": features.high_res_feats_0,
             "high_res_feats_1": features.high_res_feats_1,
@@ -131,9 +173,6 @@ class OnnxEngine(AllTokensEngine):
             "mask_input": np.ascontiguousarray(mask_input, np.float32),
             "has_mask_input": has_mask,
         }
-        masks, iou = self._decoder.run(list(DECODER_OUTPUTS), feeds)
-        return masks, iou
 
     def close(self) -> None:
-        self._encoder = None
-        self._decoder = None
+        self._encoder = self._decoder = self._prompt_head = self._mask_head = None

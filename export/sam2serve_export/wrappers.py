@@ -61,9 +61,7 @@ class PromptDecoder(nn.Module):
         has_mask_input: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sparse, _ = self.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
-        mask_embed = self.prompt_encoder.mask_downscaling(mask_input)
-        no_mask_embed = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = has_mask_input * mask_embed + (1.0 - has_mask_input) * no_mask_embed
+        dense = _dense_embedding(self.prompt_encoder, mask_input, has_mask_input)
         masks, iou_predictions, _, _ = self.mask_decoder.predict_masks(
             image_embeddings=image_embed,
             image_pe=self.prompt_encoder.get_dense_pe(),
@@ -99,6 +97,7 @@ def example_decoder_inputs(
 
 
 def _dense_embedding(prompt_encoder: nn.Module, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+    """The prompt encoder's dense embedding, with the mask input switched on or off by a graph input."""
     mask_embed = prompt_encoder.mask_downscaling(mask_input)
     no_mask_embed = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     return has_mask_input * mask_embed + (1.0 - has_mask_input) * no_mask_embed

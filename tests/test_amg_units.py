@@ -18,6 +18,7 @@ from sam2serve.amg.masks import (
     remove_small_regions,
     stability_score,
     upsample_logits,
+    upsampled_stability_and_box,
 )
 from sam2serve.amg.nms import nms
 from sam2serve.amg.rle import decode_rle, encode_rle, rle_area
@@ -66,6 +67,49 @@ def test_stability_score_matches():
         ref = calculate_stability_score(torch.from_numpy(logits)[None], 0.0, 1.0)[0].item()
         assert stability_score(logits, 0.0, 1.0) == pytest.approx(ref, rel=0, abs=0)
     assert np.isnan(stability_score(np.full((8, 8), -5, np.float32), 0.0, 1.0))  # 0/0 as in torch
+
+
+def _logit_maps() -> dict[str, np.ndarray]:
+    """Low-res maps of the kinds the generator meets: untrained speckle wholly inside ±1, smooth objects
+    of several sizes, noise, plateaus exactly at the thresholds, and lone cells at every edge."""
+    import cv2
+
+    rng = np.random.default_rng(7)
+
+    def smooth(offset: float) -> np.ndarray:
+        return cv2.resize(rng.normal(0, 8, (16, 16)).astype(np.float32), (256, 256),
+                          interpolation=cv2.INTER_CUBIC) + np.float32(offset)
+
+    maps = {"speckle": rng.uniform(-0.8, 0.4, (256, 256)), "smooth": smooth(0), "objects": smooth(-12),
+            "background": smooth(12), "noise": rng.normal(0, 3, (256, 256))}
+    maps |= {f"plateau {v}": np.full((256, 256), v) for v in (-3.0, -1.0, 0.0, 0.5, 1.0)}
+    for name, cell in {"corner": (0, 0), "bottom": (255, 128), "right": (100, 255), "inside": (7, 3)}.items():
+        spot = np.full((256, 256), -20.0)
+        spot[cell] = 1.5
+        maps[f"spot {name}"] = spot
+    return {name: m.astype(np.float32) for name, m in maps.items()}
+
+
+@pytest.mark.parametrize("hw", [(1200, 1800), (333, 500), (256, 256), (100, 150), (20, 30), (1, 7)])
+@pytest.mark.parametrize("threshold,offset", [(0.0, 1.0), (0.3, 0.7), (-0.5, 0.25)])
+def test_stability_and_box_without_full_upsampling_equal_the_full_computation(hw, threshold, offset):
+    for name, logits in _logit_maps().items():
+        up = upsample_logits(logits, hw)
+        expected = (stability_score(up, threshold, offset), mask_to_box(up > threshold))
+        stability, box = upsampled_stability_and_box(logits, hw, threshold, offset)
+        np.testing.assert_array_equal(box, expected[1], err_msg=name)
+        assert stability == expected[0] or (np.isnan(stability) and np.isnan(expected[0])), name
+
+
+def test_stability_and_box_of_a_map_below_every_threshold_need_no_upsampling(monkeypatch):
+    import sam2serve.amg.masks as masks
+
+    def fail(*_: object) -> None:
+        raise AssertionError("upsampled although the low-res logits decide everything")
+
+    monkeypatch.setattr(masks, "upsample_logits", fail)
+    stability, box = masks.upsampled_stability_and_box(np.full((256, 256), -4, np.float32), (900, 1200), 0.0, 1.0)
+    assert np.isnan(stability) and not box.any()
 
 
 def test_boxes_match_including_empty_masks():

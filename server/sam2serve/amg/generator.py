@@ -1,8 +1,9 @@
 """SAM 2 automatic mask generation over an `Engine`: Meta's algorithm, without its wasted work.
 
 Same grid, crops, filters and NMS as `SAM2AutomaticMaskGenerator`, but candidates are filtered by
-predicted IoU before anything is upsampled, each survivor is upsampled once (stability, binary mask and
-box from the same map), and full-resolution masks and RLEs are made only for the masks that survive NMS.
+predicted IoU before anything is upsampled, each survivor is upsampled at most once (stability and box
+from the same map, and not even that where the low-res logits decide them), and full-resolution masks
+and RLEs are made only for the masks that survive NMS.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from .masks import (
     is_box_near_crop_edge,
     mask_to_box,
     remove_small_regions,
-    stability_score,
     upsample_logits,
+    upsampled_stability_and_box,
 )
 from .nms import nms
 from .params import GeneratorParams
@@ -213,11 +214,10 @@ class AutoMaskGenerator:
         for i in order:
             low_res, cleaned = fill_holes_and_remove_sprinkles(logits[i], p.min_mask_region_area, p.mask_threshold)
             counts["low_res_cleaned"] += cleaned
-            up = upsample_logits(low_res, crop_hw)
-            stability = stability_score(up, p.mask_threshold, p.stability_score_offset)
+            stability, box = upsampled_stability_and_box(low_res, crop_hw, p.mask_threshold,
+                                                         p.stability_score_offset)
             if p.stability_score_thresh > 0.0 and not stability >= p.stability_score_thresh:
                 continue
-            box = mask_to_box(up > p.mask_threshold)
             batch_boxes.append(box)
             batch_index.append((i, low_res, float(stability)))
         counts["after_stability"] += len(batch_boxes)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
+
+# A bilinear output pixel is a convex combination of 2×2 low-res cells, so it lies within their range; the
+# margin (relative to the largest |logit|) covers float rounding in that combination.
+_CONVEX_MARGIN = 1e-4
 
 
 def upsample_logits(low_res: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -18,6 +24,62 @@ def stability_score(logits: np.ndarray, mask_threshold: float, offset: float) ->
     union = np.count_nonzero(logits > (mask_threshold - offset))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.float32(inter) / np.float32(union)  # 0/0 is NaN, as in the reference
+
+
+def upsampled_stability_and_box(low_res: np.ndarray, size_hw: tuple[int, int], mask_threshold: float,
+                                offset: float) -> tuple[np.float32, np.ndarray]:
+    """`stability_score` and `mask_to_box(> mask_threshold)` of `upsample_logits(low_res, size_hw)`, with
+    the same result but less full-resolution work: a threshold the whole low-res map lies on one side of
+    gives its count (0 or every pixel) without upsampling, and the other thresholds are counted only inside
+    the output rows and columns that can hold a value above `mask_threshold - offset`."""
+    h, w = size_hw
+    high, low = float(low_res.max()), float(low_res.min())
+    margin = _CONVEX_MARGIN * max(abs(high), abs(low))
+    t_low, t_high = mask_threshold - offset, mask_threshold + offset
+    if high + margin <= t_low:  # nothing above even the low threshold: 0/0, as the reference gets
+        return np.float32(np.nan), np.zeros(4, np.int64)
+    rows = _output_span(low_res.max(axis=1), t_low - margin, h)
+    cols = _output_span(low_res.max(axis=0), t_low - margin, w)
+    up = upsample_logits(low_res, size_hw)[rows, cols]  # a view: pixels outside are all <= t_low
+
+    def count_above(threshold: float) -> int:
+        if high + margin <= threshold:
+            return 0
+        if low - margin > threshold:
+            return h * w
+        return cv2.countNonZero((up > threshold).view(np.uint8))
+
+    inter, union = count_above(t_high), count_above(t_low)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stability = np.float32(inter) / np.float32(union)
+    if high + margin <= mask_threshold:
+        return stability, np.zeros(4, np.int64)
+    x, y, bw, bh = cv2.boundingRect((up > mask_threshold).view(np.uint8))
+    if bw == 0:
+        return stability, np.zeros(4, np.int64)
+    x, y = x + cols.start, y + rows.start
+    return stability, np.array([x, y, x + bw - 1, y + bh - 1], np.int64)
+
+
+@lru_cache(maxsize=64)
+def _source_span(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and last low-res index each output index of a bilinear resize can read (one more on each side
+    than the sampling position needs, so its rounding never matters)."""
+    position = np.floor((np.arange(n_dst) + 0.5) * (n_src / n_dst) - 0.5).astype(np.int64)
+    first, last = np.clip(position - 1, 0, n_src - 1), np.clip(position + 2, 0, n_src - 1)
+    first.flags.writeable = last.flags.writeable = False
+    return first, last
+
+
+def _output_span(line_max: np.ndarray, threshold: float, n_dst: int) -> slice:
+    """Output indices along one axis that read a low-res line whose maximum exceeds `threshold`."""
+    candidates = np.flatnonzero(line_max > threshold)
+    if candidates.size == 0:
+        return slice(0, 0)
+    first, last = _source_span(len(line_max), n_dst)
+    start = int(np.searchsorted(last, candidates[0], side="left"))
+    stop = int(np.searchsorted(first, candidates[-1], side="right"))
+    return slice(start, stop)
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray:

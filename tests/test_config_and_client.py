@@ -50,4 +50,9 @@ def test_segment_writes_masks_metadata_and_an_overlay(tiny_engine, tmp_path, cap
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["model"]["untrained"] is True and "data" not in meta["combined_mask"]
     assert len(list((out / "masks").glob("*.png"))) == len(meta.get("masks", []))
-    assert "UNTRAINED" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "UNTRAINED" in err
+    # stderr is not a terminal here: the queue's progress is logged a line per change, never redrawn
+    progress = [line for line in err.splitlines() if ": in_progress" in line or ": completed" in line]
+    assert progress and progress[-1].endswith("completed 100%") and "\r" not in err
+    assert len(progress) == len(set(progress)) <= 12  # in_progress 0…100 % in tens, then completed

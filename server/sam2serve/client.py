@@ -89,14 +89,20 @@ def _via_queue(stub: pb_grpc.AutoSegmentServiceStub, request: pb.AutoSegmentRequ
     from tqdm import tqdm
 
     submitted = stub.Submit(request, timeout=60, metadata=metadata)
-    bar = tqdm(total=100, unit="%", desc="queued", file=sys.stderr)
-    final = None
+    interactive = sys.stderr.isatty()  # a redrawn bar in a log file is thousands of lines; log changes instead
+    bar = tqdm(total=100, unit="%", desc="queued", file=sys.stderr, disable=not interactive)
+    final, last_line = None, ""
     for status in stub.WatchStatus(pb.StatusRequest(request_id=submitted.request_id), timeout=timeout,
                                    metadata=metadata):
         state = pb.RequestStatus.State.Name(status.state)
-        bar.set_description(f"{state.lower()}" + (f" #{status.queue_position}" if state == "IN_QUEUE" else ""))
+        where = f"{state.lower()}" + (f" #{status.queue_position}" if state == "IN_QUEUE" else "")
+        bar.set_description(where)
         bar.n = round(status.progress * 100)
         bar.refresh()
+        line = f"{submitted.request_id}: {where} {round(status.progress * 10) * 10}%"
+        if not interactive and line != last_line:
+            print(line, file=sys.stderr, flush=True)
+            last_line = line
         final = status
     bar.close()
     if final is not None and final.state != pb.RequestStatus.COMPLETED:

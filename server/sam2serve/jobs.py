@@ -1,7 +1,7 @@
 """The job queue and result store: submit, run on worker threads, watch, cancel, fetch results.
 
-`JobQueue` is the interface the transport uses; `InProcessJobQueue` keeps everything in this process (a
-shared broker such as Redis can implement the same interface for several replicas). All public methods
+`JobQueue` is the interface the transport uses; `InProcessJobQueue` keeps everything in this process, and
+`redis_jobs.RedisJobQueue` shares jobs between replicas. All public methods
 run on the asyncio event loop; the CPU-heavy job body runs in a thread pool.
 """
 
@@ -82,15 +82,21 @@ Runner = Callable[[SegmentRequest, Callable[[], bool], Callable[[int, int], None
 
 
 class JobQueue(Protocol):
+    """What the transport needs of a queue; `InProcessJobQueue` and `redis_jobs.RedisJobQueue` provide it."""
+
+    async def start(self) -> None: ...
     async def submit(self, request: SegmentRequest) -> JobSnapshot: ...
-    def status(self, job_id: str) -> JobSnapshot: ...
+    async def status(self, job_id: str) -> JobSnapshot: ...
     def watch(self, job_id: str) -> AsyncIterator[JobSnapshot]: ...
-    def request(self, job_id: str) -> SegmentRequest: ...
-    def result(self, job_id: str) -> SegmentOutcome: ...
+    async def request(self, job_id: str) -> SegmentRequest: ...
+    async def result(self, job_id: str) -> SegmentOutcome: ...
     async def wait(self, job_id: str) -> JobSnapshot: ...
-    def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]: ...
-    def depth(self) -> tuple[int, int]: ...
+    async def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]: ...
+    def depth(self) -> tuple[float, int]:
+        """(jobs waiting for this replica, jobs running here); safe to call from any thread."""
+        ...
     async def drain(self, timeout_s: float) -> bool: ...
+    async def close(self) -> None: ...
 
 
 class InProcessJobQueue:
@@ -112,6 +118,9 @@ class InProcessJobQueue:
         self._running = 0
         self._workers = [asyncio.create_task(self._work(), name=f"sam2serve-worker-{i}") for i in range(workers)]
 
+    async def start(self) -> None:
+        """Nothing to connect to: the workers started with the queue."""
+
     # -- submitting and reading --------------------------------------------------------------------------
     async def submit(self, request: SegmentRequest) -> JobSnapshot:
         if not self._accepting:
@@ -124,14 +133,14 @@ class InProcessJobQueue:
         await self._notify(job)
         return self._snapshot(job)
 
-    def status(self, job_id: str) -> JobSnapshot:
+    async def status(self, job_id: str) -> JobSnapshot:
         return self._snapshot(self._job(job_id))
 
-    def request(self, job_id: str) -> SegmentRequest:
+    async def request(self, job_id: str) -> SegmentRequest:
         """The request as submitted, without its image once the job has finished."""
         return self._job(job_id).request
 
-    def result(self, job_id: str) -> SegmentOutcome:
+    async def result(self, job_id: str) -> SegmentOutcome:
         job = self._job(job_id)
         if job.state is JobState.COMPLETED:
             assert job.outcome is not None
@@ -162,7 +171,7 @@ class InProcessJobQueue:
             await self._changed.wait_for(lambda: job.state.terminal)
         return self._snapshot(job)
 
-    def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]:
+    async def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]:
         job = self._job(job_id)
         if job.state is JobState.CANCELLED:
             return CancelOutcome.ALREADY_CANCELLED, self._snapshot(job)

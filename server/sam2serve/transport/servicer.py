@@ -15,7 +15,7 @@ import grpc
 from .. import __version__
 from ..errors import InvalidInput, QueueFull, ResultTooLarge, Sam2ServeError, ShuttingDown
 from ..grpc_status import status_for
-from ..jobs import CancelOutcome, InProcessJobQueue, JobSnapshot, JobState
+from ..jobs import CancelOutcome, JobQueue, JobSnapshot, JobState
 from ..metrics import Metrics
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
@@ -79,7 +79,7 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
-    def __init__(self, queue: InProcessJobQueue, info: pb.ServerInfo, limits: RequestLimits,
+    def __init__(self, queue: JobQueue, info: pb.ServerInfo, limits: RequestLimits,
                  max_message_bytes: int, metrics: Metrics) -> None:
         self.queue = queue
         self.info = info
@@ -97,11 +97,11 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             log.error("internal error in %s", type(exc).__name__, exc_info=exc)
         await context.abort(code, message)
 
-    def _result(self, job_id: str) -> pb.AutoSegmentResponse:
-        snapshot = self.queue.status(job_id)
-        outcome = self.queue.result(job_id)
+    async def _result(self, job_id: str) -> pb.AutoSegmentResponse:
+        snapshot = await self.queue.status(job_id)
+        outcome = await self.queue.result(job_id)
         queue_s = (snapshot.started_at or snapshot.submitted_at) - snapshot.submitted_at
-        response = to_response(outcome, self.queue.request(job_id), self.info.model, job_id, queue_s)
+        response = to_response(outcome, await self.queue.request(job_id), self.info.model, job_id, queue_s)
         size = response.ByteSize()
         if size > self.max_message_bytes:
             raise ResultTooLarge(
@@ -124,10 +124,10 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             segment = to_segment_request(request, self.limits)
             job_id = (await self.queue.submit(segment)).id
             await self.queue.wait(job_id)
-            return self._result(job_id)
+            return await self._result(job_id)
         except asyncio.CancelledError:  # the caller left or its deadline passed: stop the work
             if job_id is not None:
-                self.queue.cancel(job_id)
+                await asyncio.shield(self.queue.cancel(job_id))
             raise
         except Exception as e:
             await self._fail(context, e)
@@ -145,7 +145,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     @observed
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.RequestStatus:
         try:
-            return self._status(self.queue.status(request.request_id), request.logs)
+            return self._status(await self.queue.status(request.request_id), request.logs)
         except Exception as e:
             await self._fail(context, e)
             raise
@@ -163,7 +163,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     async def GetResult(self, request: pb.ResultRequest,
                         context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
         try:
-            return self._result(request.request_id)
+            return await self._result(request.request_id)
         except Exception as e:
             await self._fail(context, e)
             raise
@@ -171,7 +171,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     @observed
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         try:
-            outcome, snapshot = self.queue.cancel(request.request_id)
+            outcome, snapshot = await self.queue.cancel(request.request_id)
         except Exception as e:
             await self._fail(context, e)
             raise
@@ -185,10 +185,10 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
             job_id = (await self.queue.submit(to_segment_request(request, self.limits))).id
             async for snapshot in self.queue.watch(job_id):
                 yield pb.SubscribeEvent(status=self._status(snapshot, True))
-            yield pb.SubscribeEvent(result=self._result(job_id))
+            yield pb.SubscribeEvent(result=await self._result(job_id))
         except asyncio.CancelledError:
             if job_id is not None:
-                self.queue.cancel(job_id)
+                await asyncio.shield(self.queue.cancel(job_id))
             raise
         except Exception as e:
             await self._fail(context, e)

@@ -24,7 +24,9 @@ class ServerConfig:
     max_decoder_batch: int = 8  # prompts per decoder run; ≈ 80 MB each in ORT on CPU
     max_message_bytes: int = 64 * 1024 * 1024
     result_ttl_seconds: float = 600.0
-    result_store_bytes: int = 512 * 1024 * 1024
+    result_store_bytes: int = 512 * 1024 * 1024  # in-process queue only; Redis has its own maxmemory
+    redis_url: str = ""  # redis://[:password@]host:port/db: a queue shared by every replica; empty: in-process
+    redis_prefix: str = "sam2serve:"  # key prefix, so that several deployments can share one Redis
     drain_seconds: float = 30.0
     api_key: str = ""  # empty: no authentication
     tls_cert: str = ""
@@ -42,6 +44,7 @@ class ServerConfig:
 
     def describe(self) -> str:
         shown = {k: ("***" if k == "api_key" and v else str(v)) for k, v in asdict(self).items()}
+        shown["redis_url"] = _without_password(self.redis_url)
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
@@ -72,3 +75,13 @@ def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
             except ValueError:
                 raise SystemExit(f"error: {f.name} must be a {kind.__name__}, got {raw!r}") from None
     return ServerConfig(**values)
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

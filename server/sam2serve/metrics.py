@@ -53,7 +53,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
                                   buckets=MASK_BUCKETS, registry=r),
         image_megapixels=Histogram("sam2serve_image_megapixels", "Size of segmented images in megapixels",
                                    buckets=MEGAPIXEL_BUCKETS, registry=r),
-        queue_depth=Gauge("sam2serve_queue_depth", "Jobs waiting in the queue", registry=r),
+        queue_depth=Gauge("sam2serve_queue_depth", "Jobs waiting in this pod's queue (shared Redis queue: its "
+                          "waiting jobs over the live replicas)", registry=r),
         jobs_in_progress=Gauge("sam2serve_jobs_in_progress", "Jobs running now", registry=r),
         untrained=Gauge("sam2serve_untrained_weights", "1 when the served engines have untrained weights "
                         "(meaningless masks)", registry=r),
@@ -62,7 +63,7 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
 
 
 def describe_server(metrics: Metrics, version: str, model: str, weights: str, untrained: bool, backend: str,
-                    provider: str, depth: Callable[[], tuple[int, int]]) -> None:
+                    provider: str, depth: Callable[[], tuple[float, int]]) -> None:
     metrics.build.info({"version": version, "model": model, "weights": weights,
                         "untrained": "true" if untrained else "false", "backend": backend, "provider": provider})
     metrics.untrained.set(1 if untrained else 0)

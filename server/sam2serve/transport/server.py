@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ..errors import ImageFetchError
 from ..grpc_status import status_for
 from ..inputs import InputLimits
 from ..inputs.fetch import post_json
-from ..jobs import InProcessJobQueue, Job, JobState
+from ..jobs import InProcessJobQueue, Job, JobQueue, JobState, Runner
 from ..metrics import Metrics, create_metrics, describe_server, serve_metrics
 from ..pipeline import run_segment
 from ..v1 import sam2serve_pb2 as pb
@@ -39,7 +40,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
-    queue: InProcessJobQueue
+    queue: JobQueue
     servicer: AutoSegmentServicer
     config: ServerConfig
     metrics: Metrics
@@ -85,9 +86,8 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
         return run_segment(request, generator, input_limits, should_stop, on_progress, log_line)
 
     metrics = create_metrics()
-    queue = InProcessJobQueue(runner, workers=config.workers, queue_size=config.queue_size,
-                              result_ttl_s=config.result_ttl_seconds, result_store_bytes=config.result_store_bytes,
-                              on_finished=lambda job: job_finished(job, metrics, input_limits, loop))
+    queue = make_queue(config, runner, on_finished=lambda job: job_finished(job, metrics, input_limits, loop))
+    await queue.start()
     limits = RequestLimits(max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers)
     info = server_info(
         manifest, list(getattr(engine, "active_providers", engine.providers)),  # type: ignore[attr-defined]
@@ -127,6 +127,19 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
     await running.set_serving(True)
     log.info("serving %s (%s weights) on %s:%d", manifest.model, manifest.weights.origin, config.host, port)
     return running
+
+
+def make_queue(config: ServerConfig, runner: Runner, on_finished: Callable[[Job], None]) -> JobQueue:
+    """The shared Redis queue when redis_url is set, else the in-process one."""
+    if config.redis_url:
+        from ..redis_jobs import RedisJobQueue
+
+        return RedisJobQueue(runner, config.redis_url, workers=config.workers, queue_size=config.queue_size,
+                             result_ttl_s=config.result_ttl_seconds, prefix=config.redis_prefix,
+                             on_finished=on_finished)
+    return InProcessJobQueue(runner, workers=config.workers, queue_size=config.queue_size,
+                             result_ttl_s=config.result_ttl_seconds, result_store_bytes=config.result_store_bytes,
+                             on_finished=on_finished)
 
 
 def job_finished(job: Job, metrics: Metrics, limits: InputLimits, loop: asyncio.AbstractEventLoop) -> None:

@@ -1,0 +1,267 @@
+"""The queue shared through Redis: two replicas (in-process servers with real engines) on one real
+redis-server, and the queue itself where a replica has to die: jobs submitted on one replica are watched,
+fetched and cancelled on the other, the bound holds for both, a lost replica's job runs again once."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from conftest import needs_export_tools
+from grpc_harness import ServerThread, quick_request, slow_request, wait_for_state
+from sam2serve import jobcodec
+from sam2serve.amg.generator import GenerationResult, MaskRecord
+from sam2serve.amg.params import GeneratorParams
+from sam2serve.config import ServerConfig
+from sam2serve.errors import JobFailed
+from sam2serve.jobs import JobState
+from sam2serve.outputs import RenderedOutputs
+from sam2serve.outputs.encode import EncodedImage
+from sam2serve.pipeline import OutputOptions, SegmentOutcome, SegmentRequest
+from sam2serve.redis_jobs import RedisJobQueue, RedisUnavailable
+from sam2serve.v1 import sam2serve_pb2 as pb
+
+State = pb.RequestStatus
+REDIS_SERVER = shutil.which("redis-server")
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (.ci/setup installs "
+                                                               "Debian's redis-server when run as root)")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a unix socket (no port to collide with), without persistence."""
+    import redis
+
+    directory = tmp_path_factory.mktemp("redis")
+    socket_path = directory / "redis.sock"
+    process = subprocess.Popen([REDIS_SERVER, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+                                "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    url = f"unix://{socket_path}"
+    deadline = time.monotonic() + 20
+    while True:  # wait until it answers (it starts in milliseconds; the loop bounds a slow machine)
+        try:
+            if redis.Redis.from_url(url).ping():
+                break
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def _outcome(n_masks: int = 2) -> SegmentOutcome:
+    records = [MaskRecord(rle={"size": [4, 6], "counts": b"3" * (i + 1)}, area=5 + i, bbox=[0, 1, 2, 3],
+                          predicted_iou=0.9, stability_score=0.97, point_coords=[[1.5, 2.0]], crop_box=[0, 0, 6, 4])
+               for i in range(n_masks)]
+    image = EncodedImage(data=b"\x89PNG\x00\xff", content_type="image/png", file_name="mask.png", file_size=6,
+                         width=6, height=4)
+    rendered = RenderedOutputs(combined=image, individual=[image] * n_masks, overlay=None, mask_count=n_masks,
+                               dropped=0, timings={"render": 0.1})
+    result = GenerationResult(records, (4, 6), {"encoder": 1.0}, {"candidates": 3})
+    return SegmentOutcome(result, rendered, (4, 6), {"total": 1.5})
+
+
+def test_codec_round_trips_requests_and_outcomes():
+    grid = (np.random.default_rng(0).random((9, 2)),)
+    request = SegmentRequest("bytes", b"\x00\x01image", GeneratorParams(points_per_side=None, point_grids=grid),
+                             OutputOptions(fmt="jpeg", max_masks=3), webhook_url="http://hook")
+    back = jobcodec.decode(jobcodec.encode(request))
+    assert back.image_value == request.image_value and back.output == request.output
+    assert back.params.point_grids[0].dtype == grid[0].dtype
+    np.testing.assert_array_equal(back.params.point_grids[0], grid[0])
+    outcome = _outcome()
+    assert jobcodec.decode(jobcodec.encode(outcome)) == outcome
+
+
+def test_codec_refuses_what_it_did_not_write():
+    data = jobcodec.encode(_outcome())
+    for bad in (b"", b"\x00\x00\x00\x05{\"a\":", data[:-3], b"\x00\x00\x00\x12{\"$type\":\"os\",\"fields\":{}}"):
+        with pytest.raises(jobcodec.CodecError):
+            jobcodec.decode(bad)
+
+
+@needs_redis
+def test_an_unreachable_redis_fails_at_startup_with_its_address(tmp_path):
+    async def start() -> None:
+        queue = RedisJobQueue(lambda *a: _outcome(), f"unix://{tmp_path}/nothing.sock")
+        try:
+            await queue.start()
+        finally:
+            await queue.close()
+
+    with pytest.raises(RedisUnavailable, match=r"nothing\.sock"):
+        asyncio.run(start())
+
+
+# -- two replicas behind one Redis -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def replicas(tiny_engine, redis_url):
+    config = ServerConfig(workers=1, queue_size=2, redis_url=redis_url, redis_prefix="replicas:")
+    a, b = ServerThread(config, tiny_engine), ServerThread(config, tiny_engine)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@needs_export_tools
+@needs_redis
+def test_a_job_submitted_on_one_replica_is_watched_and_fetched_on_the_other(replicas):
+    a, b = replicas
+    submitted = a.stub.Submit(quick_request(return_rle=True), timeout=10)
+    states = [s.state for s in b.stub.WatchStatus(pb.StatusRequest(request_id=submitted.request_id), timeout=120)]
+    assert states[-1] == State.COMPLETED and states == sorted(states)
+    status = b.stub.GetStatus(pb.StatusRequest(request_id=submitted.request_id, logs=True), timeout=10)
+    assert status.progress == 1.0 and any("masks from" in line.message for line in status.logs)
+    from_a = a.stub.GetResult(pb.ResultRequest(request_id=submitted.request_id), timeout=10)
+    from_b = b.stub.GetResult(pb.ResultRequest(request_id=submitted.request_id), timeout=10)
+    assert from_a.total_masks >= 1 and from_a.SerializeToString() == from_b.SerializeToString()
+    assert b.stub.AutoSegment(quick_request(), timeout=120).total_masks >= 1
+    with pytest.raises(grpc.RpcError) as unknown:
+        b.stub.GetStatus(pb.StatusRequest(request_id="no-such-id"), timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@needs_export_tools
+@needs_redis
+def test_the_queue_bound_and_cancel_hold_across_replicas(replicas):
+    a, b = replicas
+    running = [a.stub.Submit(slow_request(), timeout=10).request_id for _ in range(2)]
+    for request_id in running:  # one on each replica (one worker each)
+        wait_for_state(b.stub, request_id, State.IN_PROGRESS)
+    queued = [b.stub.Submit(slow_request(), timeout=10), a.stub.Submit(slow_request(), timeout=10)]
+    assert [q.queue_position for q in queued] == [0, 1]
+    with pytest.raises(grpc.RpcError) as full:
+        b.stub.Submit(quick_request(), timeout=10)
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in full.value.details()
+
+    for q in queued:
+        cancelled = a.stub.Cancel(pb.CancelRequest(request_id=q.request_id), timeout=10)
+        assert cancelled.outcome == pb.CancelResponse.CANCELLED_IN_QUEUE and cancelled.status.state == State.CANCELLED
+    for request_id in running:  # cancelled through the replica that is (maybe) not running it
+        stopping = b.stub.Cancel(pb.CancelRequest(request_id=request_id), timeout=10)
+        assert stopping.outcome == pb.CancelResponse.CANCELLING_IN_PROGRESS
+    for request_id in running:
+        assert wait_for_state(a.stub, request_id, State.CANCELLED).progress < 1.0
+    again = b.stub.Cancel(pb.CancelRequest(request_id=running[0]), timeout=10)
+    assert again.outcome == pb.CancelResponse.ALREADY_CANCELLED
+    with pytest.raises(grpc.RpcError) as gone:
+        a.stub.GetResult(pb.ResultRequest(request_id=running[0]), timeout=10)
+    assert gone.value.code() == grpc.StatusCode.CANCELLED
+
+
+# -- a replica that dies -----------------------------------------------------------------------------------
+class _Blocking:
+    """A runner that holds its job until released: the replica "dies" while it runs."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, request, should_stop, on_progress, log_line) -> SegmentOutcome:
+        self.started.set()
+        self.release.wait(60)
+        return _outcome()
+
+
+def _request() -> SegmentRequest:
+    return SegmentRequest("bytes", b"image", GeneratorParams())
+
+
+async def _die(queue: RedisJobQueue) -> None:
+    """What a killed process leaves behind: its running list, and a heartbeat that has expired."""
+    queue._accepting = False
+    for task in queue._tasks:
+        task.cancel()
+    await asyncio.gather(*queue._tasks, return_exceptions=True)
+    await queue._redis.zadd(queue._key("replicas"), {queue.worker_id: 0})
+
+
+@needs_redis
+def test_a_lost_replicas_job_runs_again_once_then_fails(redis_url):
+    async def scenario() -> None:
+        doomed = [_Blocking(), _Blocking()]
+        first = RedisJobQueue(doomed[0], redis_url, prefix="lost:", heartbeat_s=60)
+        await first.start()
+        job = (await first.submit(_request())).id
+        await asyncio.get_running_loop().run_in_executor(None, doomed[0].started.wait, 30)
+        await _die(first)
+
+        second = RedisJobQueue(doomed[1], redis_url, prefix="lost:", heartbeat_s=60)
+        await second.start()
+        assert await second.requeue_lost_jobs() == 1  # back in the queue; second's worker takes it
+        await asyncio.get_running_loop().run_in_executor(None, doomed[1].started.wait, 30)
+        status = await second.status(job)
+        assert status.state is JobState.IN_PROGRESS
+        assert any("stopped; queued again" in message for _, message in status.logs)
+        await _die(second)
+
+        third = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="lost:", heartbeat_s=60)
+        await third.start()
+        assert await third.requeue_lost_jobs() == 1
+        final = await third.wait(job)
+        assert final.state is JobState.FAILED and isinstance(final.error, JobFailed)
+        assert "stopped 2 times" in str(final.error)
+        assert await third.requeue_lost_jobs() == 0  # nothing left behind
+        for queue, runner in ((first, doomed[0]), (second, doomed[1]), (third, None)):
+            if runner is not None:
+                runner.release.set()
+            await queue.close()
+
+    asyncio.run(scenario())
+
+
+@needs_redis
+def test_draining_leaves_queued_jobs_to_the_other_replicas(redis_url):
+    async def scenario() -> None:
+        blocking = _Blocking()
+        leaving = RedisJobQueue(blocking, redis_url, prefix="drain:")
+        await leaving.start()
+        running = (await leaving.submit(_request())).id
+        await asyncio.get_running_loop().run_in_executor(None, blocking.started.wait, 30)
+        waiting = (await leaving.submit(_request())).id
+        drained = asyncio.create_task(leaving.drain(30))
+        blocking.release.set()
+        assert await drained
+        assert (await leaving.status(running)).state is JobState.COMPLETED
+        assert (await leaving.status(waiting)).state is JobState.IN_QUEUE  # not run, not lost
+        await leaving.close()
+
+        staying = RedisJobQueue(lambda *a: _outcome(3), redis_url, prefix="drain:")
+        await staying.start()
+        assert (await staying.wait(waiting)).state is JobState.COMPLETED
+        assert (await staying.result(waiting)).rendered.mask_count == 3
+        assert (await staying.request(waiting)).image_value == b""  # the image is not kept after the job
+        await staying.close()
+
+    asyncio.run(scenario())
+
+
+@needs_redis
+def test_each_replica_reports_its_share_of_the_shared_queue(redis_url):
+    async def scenario() -> None:
+        fronts = [RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="share:", workers=0) for _ in range(2)]
+        for queue in fronts:
+            await queue.start()
+        for _ in range(3):
+            await fronts[0].submit(_request())
+        # An autoscaler averages the per-pod values: 3 waiting over 2 pods, as per-pod queues would report.
+        assert [queue.depth() for queue in fronts] == [(1.5, 0), (1.5, 0)]
+        for queue in fronts:
+            await queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_passwords_stay_out_of_the_printed_config():
+    config = ServerConfig(redis_url="redis://:s3cret@redis.example:6380/2")
+    assert "s3cret" not in config.describe() and "redis.example:6380" in config.describe()
+

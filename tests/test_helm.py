@@ -556,6 +556,25 @@ def test_chart_managed_api_key_secret(chart):
     kv_utils.validate(secret, KUBE_VERSION, strict=True)
 
 
+def test_shared_queue_url_comes_from_a_secret(chart):
+    objects = render(chart, {"server": {"redis": {"url": "redis://:pw@redis:6379/0"}}})
+    secret = objects[("Secret", f"{FULLNAME}-redis")]
+    assert secret["data"] == {"redis-url": "cmVkaXM6Ly86cHdAcmVkaXM6NjM3OS8w"}
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["SAM2SERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-redis", "key": "redis-url"}
+    assert objects[("ConfigMap", FULLNAME)]["data"]["SAM2SERVE_REDIS_PREFIX"] == f"{FULLNAME}:"
+    kv_utils.validate(secret, KUBE_VERSION, strict=True)
+
+    objects = render(chart, {"server": {"redis": {"existingSecret": "queue", "secretKey": "url", "prefix": "a"}}})
+    assert not [k for k in objects if k[0] == "Secret"]
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["SAM2SERVE_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "queue", "key": "url"}
+    assert objects[("ConfigMap", FULLNAME)]["data"]["SAM2SERVE_REDIS_PREFIX"] == "a:"
+    plain = render(chart, {})
+    assert "SAM2SERVE_REDIS_PREFIX" not in plain[("ConfigMap", FULLNAME)]["data"]
+    assert "SAM2SERVE_REDIS_URL" not in {e["name"] for e in container(plain).get("env", [])}
+
+
 @pytest.mark.parametrize("release", ["sam2serve", "r" * 53])
 def test_names_fit_kubernetes_limits(chart, release):
     objects = render(chart, {"service": {"headless": {"enabled": True}}, "autoscaling": {"mode": "hpa"}},
@@ -586,6 +605,7 @@ def test_default_values_pass_the_schema(chart):
     ({"engines": {"source": "pvc"}}, "/engines/pvc/claimName"),
     ({"engines": {"model": "sam3_hiera_tiny"}}, "/engines/model"),
     ({"gpu": {"count": "one"}}, "/gpu/count"),
+    ({"server": {"redis": {"url": "http://redis:6379"}}}, "/server/redis/url"),
 ])
 def test_schema_rejects_bad_values(chart, values, where):
     with pytest.raises(helm.HelmValuesError, match=re.escape(where)):

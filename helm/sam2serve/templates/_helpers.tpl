@@ -71,6 +71,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* Name of the Secret holding SAM2SERVE_REDIS_URL ("" when the queue is per pod). */}}
+{{- define "sam2serve.redisSecret" -}}
+{{- if .Values.server.redis.existingSecret }}
+{{- .Values.server.redis.existingSecret }}
+{{- else if .Values.server.redis.url }}
+{{- printf "%s-redis" (include "sam2serve.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{/*
 terminationGracePeriodSeconds: the preStop sleep, then the server's drain, then a margin. Computed here
 and nowhere settable, so the kubelet can never SIGKILL a pod that is still draining.

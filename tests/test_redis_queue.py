@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -21,12 +22,12 @@ from sam2serve import jobcodec
 from sam2serve.amg.generator import GenerationResult, MaskRecord
 from sam2serve.amg.params import GeneratorParams
 from sam2serve.config import ServerConfig
-from sam2serve.errors import JobFailed
+from sam2serve.errors import JobFailed, QueueUnavailable
 from sam2serve.jobs import JobState
 from sam2serve.outputs import RenderedOutputs
 from sam2serve.outputs.encode import EncodedImage
 from sam2serve.pipeline import OutputOptions, SegmentOutcome, SegmentRequest
-from sam2serve.redis_jobs import RedisJobQueue, RedisUnavailable
+from sam2serve.redis_jobs import RedisJobQueue
 from sam2serve.v1 import sam2serve_pb2 as pb
 
 State = pb.RequestStatus
@@ -85,7 +86,10 @@ def test_codec_round_trips_requests_and_outcomes():
 
 def test_codec_refuses_what_it_did_not_write():
     data = jobcodec.encode(_outcome())
-    for bad in (b"", b"\x00\x00\x00\x05{\"a\":", data[:-3], b"\x00\x00\x00\x12{\"$type\":\"os\",\"fields\":{}}"):
+    deep = b"[" * 100_000 + b"]" * 100_000  # valid JSON, deeper than any recursion limit
+    nested = len(deep).to_bytes(4, "big") + deep
+    for bad in (b"", b"\x00\x00\x00\x05{\"a\":", data[:-3], b"\x00\x00\x00\x12{\"$type\":\"os\",\"fields\":{}}",
+                nested):
         with pytest.raises(jobcodec.CodecError):
             jobcodec.decode(bad)
 
@@ -99,7 +103,7 @@ def test_an_unreachable_redis_fails_at_startup_with_its_address(tmp_path):
         finally:
             await queue.close()
 
-    with pytest.raises(RedisUnavailable, match=r"nothing\.sock"):
+    with pytest.raises(QueueUnavailable, match=r"nothing\.sock"):
         asyncio.run(start())
 
 
@@ -159,6 +163,30 @@ def test_the_queue_bound_and_cancel_hold_across_replicas(replicas):
     assert gone.value.code() == grpc.StatusCode.CANCELLED
 
 
+@needs_export_tools
+@needs_redis
+def test_a_stopping_replica_lets_calls_finish_whose_jobs_run_elsewhere(tiny_engine, redis_url):
+    """SIGTERM on a replica that only accepts (workers=0): its Subscribe call keeps waiting for the job
+    another replica runs, within the drain period, instead of being cut and cancelling the job."""
+    config = ServerConfig(redis_url=redis_url, redis_prefix="stopping:", drain_seconds=120)
+    front = ServerThread(replace(config, workers=0), tiny_engine)
+    runner = ServerThread(replace(config, workers=1), tiny_engine)
+    try:
+        events = front.stub.Subscribe(quick_request(points_per_side=8), timeout=120)
+        first = next(events)
+        assert first.status.state in (State.IN_QUEUE, State.IN_PROGRESS)
+        stopping = threading.Thread(target=front.run, args=(front.running.shutdown(),))
+        stopping.start()
+        rest = list(events)
+        stopping.join(60)
+        assert rest[-1].WhichOneof("event") == "result" and rest[-1].result.total_masks >= 1
+        assert rest[-2].status.state == State.COMPLETED
+    finally:
+        front.channel.close()
+        front.loop.call_soon_threadsafe(front.loop.stop)
+        runner.stop()
+
+
 # -- a replica that dies -----------------------------------------------------------------------------------
 class _Blocking:
     """A runner that holds its job until released: the replica "dies" while it runs."""
@@ -182,7 +210,7 @@ async def _die(queue: RedisJobQueue) -> None:
     for task in queue._tasks:
         task.cancel()
     await asyncio.gather(*queue._tasks, return_exceptions=True)
-    await queue._redis.zadd(queue._key("replicas"), {queue.worker_id: 0})
+    await queue._redis.zadd(queue._key("replicas"), {queue.replica_id: 0})
 
 
 @needs_redis
@@ -217,6 +245,96 @@ def test_a_lost_replicas_job_runs_again_once_then_fails(redis_url):
             await queue.close()
 
     asyncio.run(scenario())
+
+
+class _StopsWhenAsked:
+    """A runner that works until `should_stop` says so, then returns anyway (as a replica that missed the
+    takeover would), so that only the queue's fencing can keep its outcome out."""
+
+    def __init__(self) -> None:
+        self.started, self.stop_seen = threading.Event(), threading.Event()
+
+    def __call__(self, request, should_stop, on_progress, log_line) -> SegmentOutcome:
+        self.started.set()
+        deadline = time.monotonic() + 60
+        while not should_stop() and time.monotonic() < deadline:
+            self.stop_seen.wait(0.02)  # one "decoder batch"
+        if should_stop():
+            self.stop_seen.set()
+        return _outcome(1)
+
+
+@needs_redis
+def test_a_replica_wrongly_declared_lost_cannot_finish_the_job_it_lost(redis_url):
+    async def scenario() -> None:
+        slow = _StopsWhenAsked()
+        stalled = RedisJobQueue(slow, redis_url, prefix="fence:", heartbeat_s=60)
+        await stalled.start()
+        job = (await stalled.submit(_request())).id
+        await asyncio.get_running_loop().run_in_executor(None, slow.started.wait, 30)
+        # Its heartbeat looks old (an event-loop stall, a partition), but it is still running the job.
+        await stalled._redis.zadd(stalled._key("replicas"), {stalled.replica_id: 0})
+
+        taker = RedisJobQueue(lambda *a: _outcome(3), redis_url, prefix="fence:", heartbeat_s=60)
+        await taker.start()
+        assert await taker.requeue_lost_jobs() == 1
+        final = await taker.wait(job)
+        assert final.state is JobState.COMPLETED
+        await asyncio.get_running_loop().run_in_executor(None, slow.stop_seen.wait, 30)
+        assert slow.stop_seen.is_set()  # the stalled replica's job saw it was no longer its own
+        await stalled.drain(30)
+        assert (await taker.result(job)).rendered.mask_count == 3  # its late outcome was not written
+        assert (await taker.status(job)).version == final.version
+        for queue in (stalled, taker):
+            await queue.close()
+
+    asyncio.run(scenario())
+
+
+@needs_redis
+def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_url):
+    async def scenario() -> None:
+        slow = _StopsWhenAsked()
+        closing = RedisJobQueue(slow, redis_url, prefix="close:")
+        await closing.start()
+        job = (await closing.submit(_request())).id
+        await asyncio.get_running_loop().run_in_executor(None, slow.started.wait, 30)
+        await closing.close()  # no drain (or one that timed out)
+        reader = _reader(redis_url, "close:")
+        status = await reader.status(job)
+        await reader.close()
+        assert status.state is JobState.IN_QUEUE and status.queue_position == 0
+        assert any("queued again" in message for _, message in status.logs)
+        successor = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="close:")
+        await successor.start()
+        assert (await successor.wait(job)).state is JobState.COMPLETED
+        assert await successor._redis.hget(successor._key("job", job), "attempts") == b"0"
+        await successor.close()
+
+    asyncio.run(scenario())
+
+
+@needs_redis
+def test_an_id_left_in_a_replicas_running_list_goes_back_to_the_queue(redis_url):
+    async def scenario() -> None:
+        front = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="orphan:", workers=0)
+        await front.start()
+        job = (await front.submit(_request())).id
+        # What a BLMOVE whose reply was lost leaves: the id moved to this replica's list, no job running.
+        await front._redis.lmove(front._key("pending"), front._key("running", front.replica_id), "LEFT", "RIGHT")
+        await front._hand_back_orphans()  # first sighting: it might be a reply still on its way
+        assert (await front._redis.lrange(front._key("pending"), 0, -1)) == []
+        await front._hand_back_orphans()
+        status = await front.status(job)
+        assert status.state is JobState.IN_QUEUE and status.queue_position == 0
+        await front.close()
+
+    asyncio.run(scenario())
+
+
+def _reader(redis_url: str, prefix: str) -> RedisJobQueue:
+    """A queue object used only to read (never started: no worker, no heartbeat)."""
+    return RedisJobQueue(lambda *a: _outcome(), redis_url, prefix=prefix, workers=0)
 
 
 @needs_redis
@@ -262,6 +380,7 @@ def test_each_replica_reports_its_share_of_the_shared_queue(redis_url):
 
 
 def test_passwords_stay_out_of_the_printed_config():
-    config = ServerConfig(redis_url="redis://:s3cret@redis.example:6380/2")
-    assert "s3cret" not in config.describe() and "redis.example:6380" in config.describe()
+    for url in ("redis://:s3cret@redis.example:6380/2", "redis://redis.example:6380/2?password=s3cret&ssl=1"):
+        shown = ServerConfig(redis_url=url).describe()
+        assert "s3cret" not in shown and "redis.example:6380" in shown
 

@@ -44,7 +44,7 @@ class ServerConfig:
 
     def describe(self) -> str:
         shown = {k: ("***" if k == "api_key" and v else str(v)) for k, v in asdict(self).items()}
-        shown["redis_url"] = _without_password(self.redis_url)
+        shown["redis_url"] = without_password(self.redis_url)
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
@@ -77,11 +77,15 @@ def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None)
     return ServerConfig(**values)
 
 
-def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
+def without_password(url: str) -> str:
+    """A URL fit for logs: the password (in the authority or as ?password=) replaced by ***."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k.lower() == "password" for k, _ in query):
+        parts = parts._replace(query=urlencode([(k, "***" if k.lower() == "password" else v) for k, v in query]))
+    return urlunsplit(parts)

@@ -48,5 +48,9 @@ class Unauthenticated(Sam2ServeError):
     """Missing or wrong API key."""
 
 
+class QueueUnavailable(Sam2ServeError):
+    """The shared queue's store (Redis) cannot be reached; retry later."""
+
+
 class ShuttingDown(Sam2ServeError):
     """The server is draining and accepts no new work."""

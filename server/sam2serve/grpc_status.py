@@ -18,6 +18,7 @@ STATUS_OF: dict[type[errors.Sam2ServeError], grpc.StatusCode] = {
     errors.JobFailed: grpc.StatusCode.INTERNAL,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    errors.QueueUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 INTERNAL_MESSAGE = "internal error; the server logged the details"
 

@@ -31,9 +31,9 @@ class CodecError(ValueError):
 
 
 def encode(value: SegmentRequest | SegmentOutcome) -> bytes:
-    blobs: list[bytes] = []
+    blobs = _Blobs()
     document = json.dumps(_plain(value, blobs), separators=(",", ":")).encode()
-    return _HEADER.pack(len(document)) + document + b"".join(blobs)
+    return _HEADER.pack(len(document)) + document + b"".join(blobs.parts)
 
 
 def decode(data: bytes) -> Any:
@@ -41,21 +41,34 @@ def decode(data: bytes) -> Any:
         (length,) = _HEADER.unpack_from(data)
         document = json.loads(data[_HEADER.size:_HEADER.size + length])
         return _rebuild(document, memoryview(data)[_HEADER.size + length:])
-    except (struct.error, ValueError, KeyError, TypeError) as e:
+    except (struct.error, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CodecError(f"not an encoded job value: {e}") from e
 
 
-def _plain(value: Any, blobs: list[bytes]) -> Any:
+class _Blobs:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> list[int]:
+        """Append raw bytes; their [offset, length] in the trailing block."""
+        span = [self.size, len(data)]
+        self.parts.append(data)
+        self.size += len(data)
+        return span
+
+
+def _plain(value: Any, blobs: _Blobs) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         if type(value).__name__ not in _TYPES:
             raise TypeError(f"{type(value).__name__} is not registered for encoding")
         fields = {f.name: _plain(getattr(value, f.name), blobs) for f in dataclasses.fields(value)}
         return {"$type": type(value).__name__, "fields": fields}
     if isinstance(value, bytes):
-        return {"$bytes": _blob(value, blobs)}
+        return {"$bytes": blobs.add(value)}
     if isinstance(value, np.ndarray):
         array = np.ascontiguousarray(value)
-        return {"$array": _blob(array.tobytes(), blobs), "dtype": array.dtype.str, "shape": list(array.shape)}
+        return {"$array": blobs.add(array.tobytes()), "dtype": array.dtype.str, "shape": list(array.shape)}
     if isinstance(value, tuple):
         return {"$tuple": [_plain(v, blobs) for v in value]}
     if isinstance(value, list):
@@ -69,12 +82,6 @@ def _plain(value: Any, blobs: list[bytes]) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-def _blob(data: bytes, blobs: list[bytes]) -> list[int]:
-    start = sum(len(b) for b in blobs)
-    blobs.append(data)
-    return [start, len(data)]
 
 
 def _rebuild(node: Any, payload: memoryview) -> Any:

@@ -142,15 +142,9 @@ class InProcessJobQueue:
 
     async def result(self, job_id: str) -> SegmentOutcome:
         job = self._job(job_id)
-        if job.state is JobState.COMPLETED:
-            assert job.outcome is not None
-            return job.outcome
-        if job.state is JobState.CANCELLED:
-            raise JobCancelled(f"request {job_id} was cancelled")
-        if job.state is JobState.FAILED:
-            assert job.error is not None
-            raise job.error
-        raise JobNotFinished(f"request {job_id} is {job.state.name}; its result is not ready")
+        raise_unless_completed(job_id, job.state, job.error)
+        assert job.outcome is not None
+        return job.outcome
 
     async def watch(self, job_id: str) -> AsyncIterator[JobSnapshot]:
         """The current state, then every change, ending with a terminal state."""
@@ -232,7 +226,7 @@ class InProcessJobQueue:
 
     def _finish(self, job: Job, state: JobState, error: BaseException | None = None) -> None:
         job.state, job.error, job.finished_at = state, error, time.time()
-        job.request = _without_image(job.request)  # the encoded image is no longer needed
+        job.request = without_image(job.request)  # the encoded image is no longer needed
         self._finished[job.id] = None
         self._notify_soon(job)
         for others in self._pending:  # queue positions moved
@@ -299,7 +293,19 @@ class _JobStopped(Exception):
     pass
 
 
-def _without_image(request: SegmentRequest) -> SegmentRequest:
+def raise_unless_completed(job_id: str, state: JobState, error: BaseException | None) -> None:
+    """What asking for the result of a job that has none raises: cancelled, failed, or not finished."""
+    if state is JobState.COMPLETED:
+        return
+    if state is JobState.CANCELLED:
+        raise JobCancelled(f"request {job_id} was cancelled")
+    if state is JobState.FAILED:
+        assert error is not None
+        raise error
+    raise JobNotFinished(f"request {job_id} is {state.name}; its result is not ready")
+
+
+def without_image(request: SegmentRequest) -> SegmentRequest:
     from dataclasses import replace
 
     return replace(request, image_value=b"" if isinstance(request.image_value, bytes) else "")

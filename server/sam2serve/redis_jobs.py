@@ -4,92 +4,163 @@ run by the others.
 
 Keys, under a prefix (default "sam2serve:"):
     pending             job ids waiting, oldest first; its length is bounded by queue_size for all replicas
-    running:<worker>    ids a replica has taken (moved from pending atomically, so a crash leaves them here)
+    running:<replica>   ids a replica has taken (moved from pending atomically, so a crash leaves them here)
     replicas            sorted set: each replica's last heartbeat (Redis server time, so pod clocks don't matter)
-    job:<id>            hash: state, times, progress, version, error, attempts, cancel flag
+    job:<id>            hash: state, times, progress, version, owner, error, attempts, cancel flag
     request:<id>        the encoded request (`jobcodec`); the image is dropped when the job ends
     logs:<id>           JSON [time, message] entries
     result:<id>         the encoded outcome
     events:<id>         pub/sub channel: a message whenever the job changes
     moved               pub/sub channel: a message whenever a job leaves `pending` (queue positions move)
-The keys of a finished job expire after result_ttl_s. A job whose replica's heartbeat expired goes back to
-the front of the queue once; if that happens again it fails, so a request that kills replicas cannot kill
-them all. A replica counts as lost after LOST_AFTER_BEATS missed heartbeats.
+
+Every change of state is one Lua script, so replicas never disagree about a job:
+- a replica claims a job only while it is IN_QUEUE, and becomes its `owner`;
+- a job ends only if the id is still where the finisher expects it (its running list, or `pending` for a
+  cancel in the queue), so a replica that was wrongly declared lost cannot finish a job that was requeued;
+- a running job stops at its next decoder batch once its owner changed or a cancel was asked for.
+A replica is lost after LOST_AFTER_BEATS missed heartbeats; its jobs go back to the front of the queue once,
+and fail if that happens again, so a request that kills replicas cannot kill them all. Ids in a replica's
+own running list that it is not running (a reply lost to a network error) are handed back by that replica.
+The keys of a finished job expire after result_ttl_s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 
 from . import errors, jobcodec
-from .config import _without_password
-from .errors import JobCancelled, JobNotFinished, JobNotFound, QueueFull, Sam2ServeError, ShuttingDown
-from .jobs import CancelOutcome, Job, JobSnapshot, JobState, Runner
+from .config import without_password
+from .errors import JobNotFound, QueueFull, QueueUnavailable, Sam2ServeError, ShuttingDown
+from .jobs import CancelOutcome, Job, JobSnapshot, JobState, Runner, raise_unless_completed, without_image
 from .pipeline import SegmentOutcome, SegmentRequest
 
 log = logging.getLogger(__name__)
+
+LOST_AFTER_BEATS = 3
+MAX_ATTEMPTS = 2  # runs of one job; a job whose replica died twice fails
+UNFINISHED_TTL_S = 24 * 3600  # keys of a job nobody finishes (every replica gone) are not kept forever
+BLOCK_S = 1.0  # a worker's wait for a job between checks of the drain flag
+INTERNAL_ERROR = "internal error"
 
 _PUSH_IF_ROOM = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
 return redis.call('RPUSH', KEYS[1], ARGV[2])
 """
-# One job from a lost replica's list: back to the front of the queue as IN_QUEUE, unless it has used up
-# its attempts (then it is only taken off the list, for the caller to fail). Atomic, so that no worker can
-# start the job between the move and the state change, and two replicas never both move it.
-_REQUEUE_ONE = """
-local id = redis.call('RPOP', KEYS[1])
-if not id then return nil end
-local job = ARGV[1] .. id
-local attempts = redis.call('HINCRBY', job, 'attempts', 1)
-if attempts >= tonumber(ARGV[2]) then return {id, attempts, 0} end
-redis.call('HSET', job, 'state', 'IN_QUEUE', 'progress', '0')
+# KEYS: job, events. ARGV: owner, now. 1 claimed; 0 cancelled before it started; -1 gone; -2 not queued.
+_CLAIM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'state') ~= 'IN_QUEUE' then return -2 end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'IN_PROGRESS', 'owner', ARGV[1], 'started_at', ARGV[2], 'progress', '0')
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('PUBLISH', KEYS[2], 'IN_PROGRESS')
+return 1
+"""
+# KEYS: job, list the id must be taken from ('' for none), result, request, logs, events.
+# ARGV: id, state, finished_at, error_kind, error_message, ttl, result ('' none), request ('' none).
+# 1 done; 0 the id was not in the list (someone else owns the job now); -1 gone; -2 already ended.
+_FINISH = """
+if KEYS[2] ~= '' and redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'COMPLETED' or state == 'FAILED' or state == 'CANCELLED' then return -2 end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[6]) end
+if ARGV[8] ~= '' then redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[6]) end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error_kind', ARGV[4], 'error_message', ARGV[5]) end
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[5], ARGV[6])
+redis.call('PUBLISH', KEYS[6], ARGV[2])
+return 1
+"""
+# Back to the front of the queue from a running list. KEYS: running list, pending, job, events.
+# ARGV: id ('' = the list's last), count the run as an attempt ('1'/'0'), max attempts, now.
+# Returns {id, attempts, requeued (1) or failed (0)}, or nil when there was no such id.
+_REQUEUE = """
+local id = ARGV[1]
+if id == '' then id = redis.call('RPOP', KEYS[1]) if not id then return nil end
+elseif redis.call('LREM', KEYS[1], 1, id) == 0 then return nil end
+local job = KEYS[3] .. id
+if redis.call('EXISTS', job) == 0 then return {id, 0, 0} end
+local attempts = tonumber(redis.call('HGET', job, 'attempts') or '0')
+if ARGV[2] == '1' then attempts = redis.call('HINCRBY', job, 'attempts', 1) end
 redis.call('HINCRBY', job, 'version', 1)
+if attempts >= tonumber(ARGV[3]) then
+  redis.call('HSET', job, 'state', 'FAILED', 'finished_at', ARGV[4], 'error_kind', 'JobFailed',
+             'error_message', 'the replica running this request stopped ' .. attempts .. ' times; it is not retried')
+  redis.call('PUBLISH', KEYS[4] .. id, 'FAILED')
+  return {id, attempts, 0}
+end
+redis.call('HSET', job, 'state', 'IN_QUEUE', 'progress', '0', 'owner', '')
 redis.call('LPUSH', KEYS[2], id)
+redis.call('PUBLISH', KEYS[4] .. id, 'IN_QUEUE')
 return {id, attempts, 1}
 """
-LOST_AFTER_BEATS = 3
-MAX_ATTEMPTS = 2  # runs of one job; a job whose replica died twice fails
-UNFINISHED_TTL_S = 24 * 3600  # keys of a job nobody finishes (every replica gone) are not kept forever
-INTERNAL_ERROR = "internal error"
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-class RedisUnavailable(Sam2ServeError):
-    """The shared queue's Redis cannot be reached."""
+def _redis_errors_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Public calls answer UNAVAILABLE (with no address in the message) while Redis is unreachable."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except redis.RedisError as e:
+            log.warning("job queue: Redis error in %s: %s", method.__name__, e)
+            raise QueueUnavailable("the job queue's store is unreachable; retry later") from None
+
+    return wrapper
 
 
 class RedisJobQueue:
     def __init__(self, runner: Runner, url: str, workers: int = 1, queue_size: int = 32,
                  result_ttl_s: float = 600.0, prefix: str = "sam2serve:",
                  on_finished: Callable[[Job], None] | None = None, heartbeat_s: float = 5.0,
-                 watch_poll_s: float = 5.0) -> None:
+                 watch_poll_s: float = 5.0, max_connections: int = 1024) -> None:
         self._runner, self._url, self._workers = runner, url, workers
         self._queue_size, self._ttl = queue_size, max(1, int(result_ttl_s))
         self._prefix, self._on_finished = prefix, on_finished
         self._heartbeat_s, self._watch_poll_s = heartbeat_s, watch_poll_s
         self._lost_after_s = LOST_AFTER_BEATS * heartbeat_s
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._redis = aioredis.Redis.from_url(url)
-        self._sync = redis.Redis.from_url(url)  # for the job threads and metrics scrapes
+        self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # Every watcher holds a pub/sub connection; the socket timeout outlasts a worker's blocking wait,
+        # so that a half-open connection fails instead of hanging.
+        options: dict[str, Any] = {"socket_timeout": BLOCK_S + 10.0, "socket_connect_timeout": 10.0,
+                                   "health_check_interval": 30}
+        if not url.startswith("unix:"):
+            options["socket_keepalive"] = True
+        self._redis = aioredis.Redis.from_url(url, max_connections=max_connections, **options)
+        self._beats = aioredis.Redis.from_url(url, max_connections=4, **options)  # never starved by watchers
+        self._sync = redis.Redis.from_url(url, **options)  # for the job threads and metrics scrapes
         self._push = self._redis.register_script(_PUSH_IF_ROOM)
-        self._requeue_one = self._redis.register_script(_REQUEUE_ONE)
+        self._claim = self._redis.register_script(_CLAIM)
+        self._finish_script = self._redis.register_script(_FINISH)
+        self._requeue = self._beats.register_script(_REQUEUE)
         # workers=0: a replica that accepts and answers but runs nothing (the others do)
         self._executor = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="sam2serve-job")
         self._accepting = True
-        self._running = 0
+        self._stopping = threading.Event()  # closing: running jobs stop and are handed back
+        self._in_flight: set[str] = set()
+        self._orphan_suspects: set[str] = set()
         self._idle = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -97,16 +168,17 @@ class RedisJobQueue:
         """Check the connection (a clear error at startup beats one per request), then start working."""
         try:
             await self._redis.ping()
+            await self._beat()
         except redis.RedisError as e:
-            raise RedisUnavailable(f"cannot reach the queue's Redis at {_without_password(self._url)}: {e}") from e
-        await self._beat()
+            raise QueueUnavailable(f"cannot reach the queue's Redis at {without_password(self._url)}: {e}") from e
         self._tasks = [asyncio.create_task(self._work(), name=f"sam2serve-redis-worker-{i}")
                        for i in range(self._workers)]
         self._tasks.append(asyncio.create_task(self._keep_alive(), name="sam2serve-redis-heartbeat"))
-        log.info("job queue: Redis at %s, prefix %r, worker %s", _without_password(self._url), self._prefix,
-                 self.worker_id)
+        log.info("job queue: Redis at %s, prefix %r, replica %s", without_password(self._url), self._prefix,
+                 self.replica_id)
 
     # -- submitting and reading --------------------------------------------------------------------------
+    @_redis_errors_unavailable
     async def submit(self, request: SegmentRequest) -> JobSnapshot:
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
@@ -124,16 +196,19 @@ class RedisJobQueue:
             raise QueueFull(f"the queue is full ({self._queue_size} requests waiting); retry later")
         return await self.status(job_id)
 
+    @_redis_errors_unavailable
     async def status(self, job_id: str) -> JobSnapshot:
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._redis.pipeline(transaction=True) as pipe:  # one consistent view
             pipe.hgetall(self._key("job", job_id))
             pipe.lrange(self._key("logs", job_id), 0, -1)
             pipe.lpos(self._key("pending"), job_id)
             fields, logs, position = await pipe.execute()
-        if not fields:
+        fields = {k.decode(): v.decode() for k, v in fields.items()}
+        if "state" not in fields or "submitted_at" not in fields:
             raise JobNotFound(f"no request with id {job_id!r} (unknown, or its result expired)")
-        return _snapshot(job_id, {k.decode(): v.decode() for k, v in fields.items()}, logs, position)
+        return _snapshot(job_id, fields, logs, position)
 
+    @_redis_errors_unavailable
     async def request(self, job_id: str) -> SegmentRequest:
         """The request as submitted, without its image once the job has finished."""
         data = await self._redis.get(self._key("request", job_id))
@@ -141,60 +216,64 @@ class RedisJobQueue:
             raise JobNotFound(f"no request with id {job_id!r} (unknown, or its result expired)")
         return jobcodec.decode(data)
 
+    @_redis_errors_unavailable
     async def result(self, job_id: str) -> SegmentOutcome:
         snapshot = await self.status(job_id)
-        if snapshot.state is JobState.COMPLETED:
-            data = await self._redis.get(self._key("result", job_id))
-            if data is None:
-                raise JobNotFound(f"the result of request {job_id!r} expired")
-            return jobcodec.decode(data)
-        if snapshot.state is JobState.CANCELLED:
-            raise JobCancelled(f"request {job_id} was cancelled")
-        if snapshot.state is JobState.FAILED:
-            assert snapshot.error is not None
-            raise snapshot.error
-        raise JobNotFinished(f"request {job_id} is {snapshot.state.name}; its result is not ready")
+        raise_unless_completed(job_id, snapshot.state, snapshot.error)
+        data = await self._redis.get(self._key("result", job_id))
+        if data is None:
+            raise JobNotFound(f"the result of request {job_id!r} expired")
+        return jobcodec.decode(data)
 
     async def watch(self, job_id: str) -> AsyncIterator[JobSnapshot]:
         """The current state, then every change (queue position included), ending with a terminal state."""
-        pubsub = self._redis.pubsub()
-        await pubsub.subscribe(self._key("events", job_id), self._key("moved"))
         try:
-            seen: tuple[int, int] | None = None
-            while True:
-                snapshot = await self.status(job_id)  # read after subscribing: no change can slip between
-                if (snapshot.version, snapshot.queue_position) != seen:
-                    seen = (snapshot.version, snapshot.queue_position)
-                    yield snapshot
-                if snapshot.state.terminal:
-                    return
-                # Wakes on the next change; the timeout re-reads in case Redis dropped a message.
-                await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._watch_poll_s)
-        finally:
-            await pubsub.aclose()
+            pubsub = self._redis.pubsub()
+            try:
+                channels = (self._key("events", job_id), self._key("moved"))
+                await pubsub.subscribe(*channels)
+                for _ in channels:  # confirmed: no change made after this point can be missed
+                    await pubsub.get_message(timeout=self._watch_poll_s)
+                seen: tuple[int, int] | None = None
+                while True:
+                    snapshot = await self.status(job_id)
+                    if (snapshot.version, snapshot.queue_position) != seen:
+                        seen = (snapshot.version, snapshot.queue_position)
+                        yield snapshot
+                    if snapshot.state.terminal:
+                        return
+                    # Wakes on the next change; the timeout re-reads in case Redis dropped a message.
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._watch_poll_s)
+            finally:
+                await pubsub.aclose()
+        except redis.RedisError as e:
+            log.warning("job queue: Redis error while watching %s: %s", job_id, e)
+            raise QueueUnavailable("the job queue's store is unreachable; retry later") from None
 
     async def wait(self, job_id: str) -> JobSnapshot:
-        async for snapshot in self.watch(job_id):
-            if snapshot.state.terminal:
-                return snapshot
+        async with contextlib.aclosing(self.watch(job_id)) as snapshots:
+            async for snapshot in snapshots:
+                if snapshot.state.terminal:
+                    return snapshot
         raise AssertionError("watch ends with a terminal state")
 
+    @_redis_errors_unavailable
     async def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]:
         snapshot = await self.status(job_id)
+        if not snapshot.state.terminal:
+            await self._redis.hset(self._key("job", job_id), "cancel", 1)  # checked at every decoder batch
+            if await self._finish(job_id, JobState.CANCELLED, taken_from=self._key("pending")):
+                await self._redis.publish(self._key("moved"), job_id)
+                return CancelOutcome.CANCELLED_IN_QUEUE, await self.status(job_id)
+            snapshot = await self.status(job_id)
+            if snapshot.state is JobState.IN_PROGRESS:
+                await self._log(job_id, "cancellation requested; stopping at the next decoder batch")
+                return CancelOutcome.CANCELLING_IN_PROGRESS, await self.status(job_id)
+            if snapshot.state is JobState.IN_QUEUE:  # taken by a worker that is about to see the flag
+                return CancelOutcome.CANCELLING_IN_PROGRESS, snapshot
         if snapshot.state is JobState.CANCELLED:
             return CancelOutcome.ALREADY_CANCELLED, snapshot
-        if snapshot.state.terminal:
-            return CancelOutcome.ALREADY_FINISHED, snapshot
-        await self._redis.hset(self._key("job", job_id), "cancel", 1)  # the runner checks it every batch
-        if await self._redis.lrem(self._key("pending"), 1, job_id):
-            await self._finish(job_id, JobState.CANCELLED)
-            await self._redis.publish(self._key("moved"), job_id)
-            return CancelOutcome.CANCELLED_IN_QUEUE, await self.status(job_id)
-        snapshot = await self.status(job_id)
-        if snapshot.state.terminal:  # it ended meanwhile
-            return CancelOutcome.ALREADY_FINISHED, snapshot
-        await self._log(job_id, "cancellation requested; stopping at the next decoder batch")
-        return CancelOutcome.CANCELLING_IN_PROGRESS, await self.status(job_id)
+        return CancelOutcome.ALREADY_FINISHED, snapshot
 
     def depth(self) -> tuple[float, int]:
         """(this replica's share of the shared queue, jobs running here). The share is waiting jobs over live
@@ -206,9 +285,9 @@ class RedisJobQueue:
                 pipe.llen(self._key("pending"))
                 pipe.zcount(self._key("replicas"), seconds + micros / 1e6 - self._lost_after_s, "+inf")
                 waiting, live = pipe.execute()
-            return int(waiting) / max(int(live), 1), self._running
+            return int(waiting) / max(int(live), 1), len(self._in_flight)
         except redis.RedisError:
-            return -1.0, self._running
+            return -1.0, len(self._in_flight)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting and taking jobs; wait until the running ones finish. Queued jobs stay in Redis for
@@ -216,76 +295,81 @@ class RedisJobQueue:
         self._accepting = False
         try:
             async with asyncio.timeout(timeout_s), self._idle:
-                await self._idle.wait_for(lambda: self._running == 0)
+                await self._idle.wait_for(lambda: not self._in_flight)
             return True
         except TimeoutError:
             return False
 
     async def close(self) -> None:
+        """Stop; jobs still running (a drain that timed out) stop at their next batch and go back to the
+        front of the queue without counting as an attempt."""
         self._accepting = False
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
-        with contextlib.suppress(redis.RedisError):  # else the others will count it lost and requeue
-            await self._requeue_from(self.worker_id)  # jobs the drain did not wait for
-            await self._redis.zrem(self._key("replicas"), self.worker_id)
-        await self._redis.aclose()
+        with contextlib.suppress(redis.RedisError):  # else the others requeue them when this replica is lost
+            await self._hand_back_all()
+            await self._beats.zrem(self._key("replicas"), self.replica_id)
+        for client in (self._redis, self._beats):
+            await client.aclose()
         self._sync.close()
 
     # -- working -----------------------------------------------------------------------------------------
     async def _work(self) -> None:
-        pending, mine = self._key("pending"), self._key("running", self.worker_id)
+        pending, mine = self._key("pending"), self._key("running", self.replica_id)
         while self._accepting:
             try:
-                raw = await self._redis.blmove(pending, mine, 1.0, "LEFT", "RIGHT")
-            except redis.RedisError as e:
-                log.warning("job queue: Redis unavailable (%s); retrying", e)
-                await asyncio.sleep(self._heartbeat_s)  # back off; the connection pool reconnects
-                continue
-            if raw is None:
-                continue
-            job_id = raw.decode()
-            if not self._accepting:  # drain began while waiting: hand it back at the front
-                await self._redis.lmove(mine, pending, "RIGHT", "LEFT")
-                return
-            await self._redis.publish(self._key("moved"), job_id)
-            try:
-                await self._run_job(job_id)
-            except redis.RedisError as e:
-                log.warning("job queue: Redis failed while running %s (%s); it is requeued when this replica "
-                            "is seen as lost", job_id, e)
+                raw = await self._redis.blmove(pending, mine, BLOCK_S, "LEFT", "RIGHT")
+                if raw is None:
+                    continue
+                job_id = raw.decode()
+                self._in_flight.add(job_id)
+                try:
+                    if not self._accepting:  # drain began while waiting: hand it back at the front
+                        await self._requeue(keys=self._requeue_keys(mine),
+                                            args=[job_id, "0", MAX_ATTEMPTS, repr(time.time())])
+                        return
+                    await self._redis.publish(self._key("moved"), job_id)
+                    await self._run_job(job_id)
+                finally:
+                    self._in_flight.discard(job_id)
+                    async with self._idle:
+                        self._idle.notify_all()
+            except asyncio.CancelledError:
+                raise
+            except redis.RedisError as e:  # the job (if any) stays listed; reconciliation hands it back
+                log.warning("job queue: Redis error in a worker (%s); retrying", e)
+                await asyncio.sleep(self._heartbeat_s)  # back off; the pool reconnects
+            except Exception:
+                log.exception("job queue: worker error; continuing")
 
     async def _run_job(self, job_id: str) -> None:
-        fields = await self._redis.hgetall(self._key("job", job_id))
-        if not fields:  # expired while queued
-            await self._redis.lrem(self._key("running", self.worker_id), 1, job_id)
+        claimed = await self._claim(keys=[self._key("job", job_id), self._key("events", job_id)],
+                                    args=[self.replica_id, repr(time.time())])
+        mine = self._key("running", self.replica_id)
+        if claimed == 0:
+            await self._finish(job_id, JobState.CANCELLED, taken_from=mine)
             return
-        if fields.get(b"cancel") == b"1":
-            await self._finish(job_id, JobState.CANCELLED)
+        if claimed < 0:  # expired, or already handled (e.g. pushed twice by a retried submit)
+            await self._redis.lrem(mine, 1, job_id)
             return
-        self._running += 1
         request: SegmentRequest | None = None
         try:
-            await self._update(job_id, {"state": JobState.IN_PROGRESS.name, "started_at": repr(time.time()),
-                                        "worker": self.worker_id})
             request = await self.request(job_id)
-            loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(self._executor, self._run, job_id, request)
-            await self._finish(job_id, JobState.COMPLETED, outcome=outcome, request=request)
+            outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, job_id, request)
+            await self._finish(job_id, JobState.COMPLETED, taken_from=mine, outcome=outcome, request=request)
         except _JobStopped:
-            await self._finish(job_id, JobState.CANCELLED, request=request)
+            if not self._stopping.is_set():  # cancelled, or taken over; a closing replica hands it back
+                await self._finish(job_id, JobState.CANCELLED, taken_from=mine, request=request)
         except Sam2ServeError as e:
-            await self._finish(job_id, JobState.FAILED, error=e, request=request)
+            await self._finish(job_id, JobState.FAILED, taken_from=mine, error=e, request=request)
         except (asyncio.CancelledError, redis.RedisError):
-            raise  # closing, or Redis gone: the job stays in our running list for requeueing
-        except Exception as e:  # a bug: logged with its traceback, reported as INTERNAL
+            raise
+        except Exception as e:  # a bug, or a request this version cannot read: logged, reported as INTERNAL
             log.exception("request %s failed", job_id)
-            await self._finish(job_id, JobState.FAILED, error=e, request=request)
-        finally:
-            self._running -= 1
-            async with self._idle:
-                self._idle.notify_all()
+            await self._finish(job_id, JobState.FAILED, taken_from=mine, error=e, request=request)
 
     def _run(self, job_id: str, request: SegmentRequest) -> SegmentOutcome:
         """On a job thread: the runner, with cancellation and progress through the synchronous client."""
@@ -294,62 +378,62 @@ class RedisJobQueue:
         job_key, events = self._key("job", job_id), self._key("events", job_id)
 
         def should_stop() -> bool:
-            return self._sync.hget(job_key, "cancel") == b"1"
+            if self._stopping.is_set():
+                return True
+            cancel, owner = self._sync.hmget(job_key, ["cancel", "owner"])
+            return cancel == b"1" or owner != self.replica_id.encode()  # cancelled, or no longer ours
 
         def on_progress(done: int, total: int) -> None:
-            with self._sync.pipeline(transaction=True) as pipe:
-                pipe.hset(job_key, "progress", repr(done / max(total, 1)))
-                pipe.hincrby(job_key, "version", 1)
-                pipe.publish(events, "progress")
-                pipe.execute()
+            if not self._stopping.is_set():
+                with self._sync.pipeline(transaction=True) as pipe:
+                    pipe.hset(job_key, "progress", repr(done / max(total, 1)))
+                    pipe.hincrby(job_key, "version", 1)
+                    pipe.publish(events, "progress")
+                    pipe.execute()
 
         def log_line(message: str) -> None:
-            with self._sync.pipeline(transaction=True) as pipe:
-                pipe.rpush(self._key("logs", job_id), json.dumps([time.time(), message]))
-                pipe.expire(self._key("logs", job_id), UNFINISHED_TTL_S)
-                pipe.hincrby(job_key, "version", 1)
-                pipe.publish(events, "log")
-                pipe.execute()
+            if not self._stopping.is_set():
+                with self._sync.pipeline(transaction=True) as pipe:
+                    pipe.rpush(self._key("logs", job_id), json.dumps([time.time(), message]))
+                    pipe.expire(self._key("logs", job_id), UNFINISHED_TTL_S)
+                    pipe.hincrby(job_key, "version", 1)
+                    pipe.publish(events, "log")
+                    pipe.execute()
 
         try:
             return self._runner(request, should_stop, on_progress, log_line)
         except Cancelled:
             raise _JobStopped from None
 
-    async def _finish(self, job_id: str, state: JobState, error: BaseException | None = None,
-                      outcome: SegmentOutcome | None = None, request: SegmentRequest | None = None) -> None:
-        if request is None:
-            data = await self._redis.get(self._key("request", job_id))
-            request = jobcodec.decode(data) if data is not None else None
-        fields: dict[str, Any] = {"state": state.name, "finished_at": repr(time.time())}
+    async def _finish(self, job_id: str, state: JobState, taken_from: str = "", error: BaseException | None = None,
+                      outcome: SegmentOutcome | None = None, request: SegmentRequest | None = None) -> bool:
+        """End the job, if `job_id` can still be taken from the list `taken_from` ('' for none). False when
+        another replica owns it now, or it had already ended."""
+        kind, message = "", ""
         if error is not None:
             public = isinstance(error, Sam2ServeError)
-            fields |= {"error_kind": type(error).__name__ if public else "",
-                       "error_message": str(error) if public else INTERNAL_ERROR}
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if outcome is not None:
-                pipe.set(self._key("result", job_id), jobcodec.encode(outcome), ex=self._ttl)
-            if request is not None:
-                pipe.set(self._key("request", job_id), jobcodec.encode(_without_image(request)), ex=self._ttl)
-            pipe.hset(self._key("job", job_id), mapping=fields)
-            pipe.hincrby(self._key("job", job_id), "version", 1)
-            for kind in ("job", "logs"):
-                pipe.expire(self._key(kind, job_id), self._ttl)
-            pipe.lrem(self._key("running", self.worker_id), 1, job_id)
-            pipe.publish(self._key("events", job_id), state.name)
-            await pipe.execute()
+            kind = type(error).__name__ if public else ""
+            message = (str(error) or type(error).__name__) if public else INTERNAL_ERROR
+        done = await self._finish_script(
+            keys=[self._key("job", job_id), taken_from, self._key("result", job_id), self._key("request", job_id),
+                  self._key("logs", job_id), self._key("events", job_id)],
+            args=[job_id, state.name, repr(time.time()), kind, message, self._ttl,
+                  jobcodec.encode(outcome) if outcome is not None else b"",
+                  jobcodec.encode(without_image(request)) if request is not None else b""])
+        if done != 1:
+            if done == 0 and taken_from.startswith(self._key("running", "")):
+                log.warning("job queue: %s was taken over by another replica; its %s here is dropped", job_id,
+                            state.name)
+            return False
         if self._on_finished is not None and request is not None:
             snapshot = await self.status(job_id)
-            self._on_finished(Job(id=job_id, request=request, state=state, submitted_at=snapshot.submitted_at,
-                                  started_at=snapshot.started_at, finished_at=snapshot.finished_at,
-                                  progress=snapshot.progress, error=error, outcome=outcome))
-
-    async def _update(self, job_id: str, fields: dict[str, Any]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key("job", job_id), mapping=fields)
-            pipe.hincrby(self._key("job", job_id), "version", 1)
-            pipe.publish(self._key("events", job_id), "update")
-            await pipe.execute()
+            try:
+                self._on_finished(Job(id=job_id, request=request, state=state, submitted_at=snapshot.submitted_at,
+                                      started_at=snapshot.started_at, finished_at=snapshot.finished_at,
+                                      progress=snapshot.progress, error=error, outcome=outcome))
+            except Exception:
+                log.exception("job queue: on_finished hook failed for %s", job_id)
+        return True
 
     async def _log(self, job_id: str, message: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -366,40 +450,67 @@ class RedisJobQueue:
             try:
                 await self._beat()
                 await self.requeue_lost_jobs()
-            except redis.RedisError as e:
-                log.warning("job queue: heartbeat failed (%s)", e)
+                await self._hand_back_orphans()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the heartbeat must outlive any one failure
+                log.warning("job queue: heartbeat round failed (%s)", e)
 
     async def _beat(self) -> None:
-        seconds, micros = await self._redis.time()
-        await self._redis.zadd(self._key("replicas"), {self.worker_id: seconds + micros / 1e6})
+        seconds, micros = await self._beats.time()
+        await self._beats.zadd(self._key("replicas"), {self.replica_id: seconds + micros / 1e6})
 
     async def requeue_lost_jobs(self) -> int:
         """Jobs taken by replicas whose heartbeat stopped: back to the front of the queue, or failed after
         MAX_ATTEMPTS runs. Returns how many were found. Any replica may do this; each job moves once."""
-        seconds, micros = await self._redis.time()
-        lost = await self._redis.zrangebyscore(self._key("replicas"), "-inf",
-                                               seconds + micros / 1e6 - self._lost_after_s)
+        seconds, micros = await self._beats.time()
+        cutoff = seconds + micros / 1e6 - self._lost_after_s
         found = 0
-        for worker in lost:
-            found += await self._requeue_from(worker.decode())
-            await self._redis.zrem(self._key("replicas"), worker)
+        for raw, score in await self._beats.zrangebyscore(self._key("replicas"), "-inf", cutoff, withscores=True):
+            replica = raw.decode()
+            if await self._beats.zscore(self._key("replicas"), replica) != score:
+                continue  # it beat (or was handled) meanwhile
+            found += await self._requeue_all(replica, count_attempt=True)
+            # Forget it only if it did not beat meanwhile (a live replica keeps its entry).
+            async with self._beats.pipeline(transaction=True) as pipe:
+                await pipe.watch(self._key("replicas"))
+                if await pipe.zscore(self._key("replicas"), replica) == score:
+                    pipe.multi()
+                    pipe.zrem(self._key("replicas"), replica)
+                    with contextlib.suppress(redis.WatchError):
+                        await pipe.execute()
         return found
 
-    async def _requeue_from(self, worker: str) -> int:
-        moved_count = 0
-        running = self._key("running", worker)
-        while (moved := await self._requeue_one(keys=[running, self._key("pending")],
-                                                args=[self._key("job", ""), MAX_ATTEMPTS])) is not None:
-            moved_count += 1
-            job_id, attempts, requeued = moved[0].decode(), int(moved[1]), bool(moved[2])
-            if not requeued:
-                await self._finish(job_id, JobState.FAILED, error=errors.JobFailed(
-                    f"the replica running this request stopped {attempts} times; it is not retried"))
-                continue
-            await self._log(job_id, f"the replica running this request ({worker}) stopped; queued again")
-            await self._redis.publish(self._key("moved"), job_id)
-            log.warning("job queue: requeued %s from replica %s", job_id, worker)
-        return moved_count
+    async def _hand_back_orphans(self) -> None:
+        """Ids in this replica's running list that it is not running (a BLMOVE reply lost to a network error,
+        or a Redis error before the job ended) go back to the queue. Only ids found so in two rounds in a row:
+        one in the list but not yet in `_in_flight` may just be a BLMOVE whose reply is on its way."""
+        mine = self._key("running", self.replica_id)
+        listed = {raw.decode() for raw in await self._beats.lrange(mine, 0, -1)} - self._in_flight
+        suspects, self._orphan_suspects = self._orphan_suspects, listed
+        for job_id in listed & suspects:
+            if job_id not in self._in_flight:
+                await self._requeue(keys=self._requeue_keys(mine), args=[job_id, "0", MAX_ATTEMPTS, repr(time.time())])
+                log.warning("job queue: handed back %s, which this replica had listed but was not running", job_id)
+
+    async def _hand_back_all(self) -> int:
+        return await self._requeue_all(self.replica_id, count_attempt=False)
+
+    async def _requeue_all(self, replica: str, count_attempt: bool) -> int:
+        running, moved = self._key("running", replica), 0
+        while (result := await self._requeue(keys=self._requeue_keys(running),
+                                             args=["", "1" if count_attempt else "0", MAX_ATTEMPTS,
+                                                   repr(time.time())])) is not None:
+            moved += 1
+            job_id, requeued = result[0].decode(), bool(result[2])
+            if requeued:
+                await self._log(job_id, f"the replica running this request ({replica}) stopped; queued again")
+                await self._beats.publish(self._key("moved"), job_id)
+            log.warning("job queue: %s %s from replica %s", "requeued" if requeued else "failed", job_id, replica)
+        return moved
+
+    def _requeue_keys(self, running: str) -> list[str]:
+        return [running, self._key("pending"), self._key("job", ""), self._key("events", "")]
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
@@ -414,8 +525,8 @@ def _snapshot(job_id: str, fields: dict[str, str], logs: list[bytes], position: 
         return float(fields[name]) if fields.get(name) else None
 
     error: BaseException | None = None
-    if fields.get("error_message"):
-        error = _error(fields.get("error_kind", ""), fields["error_message"])
+    if fields.get("state") == JobState.FAILED.name:
+        error = _error(fields.get("error_kind", ""), fields.get("error_message") or INTERNAL_ERROR)
     entries = tuple((float(t), str(m)) for t, m in (json.loads(e) for e in logs))
     return JobSnapshot(job_id, JobState[fields["state"]], position if position is not None else 0,
                        float(fields.get("progress", 0)), entries, error, float(fields["submitted_at"]),
@@ -429,7 +540,3 @@ def _error(kind: str, message: str) -> BaseException:
     if isinstance(cls, type) and issubclass(cls, Sam2ServeError):
         return cls(message)
     return RuntimeError(INTERNAL_ERROR)
-
-
-def _without_image(request: SegmentRequest) -> SegmentRequest:
-    return replace(request, image_value=b"" if isinstance(request.image_value, bytes) else "")

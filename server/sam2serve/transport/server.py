@@ -55,7 +55,12 @@ class RunningServer:
     async def shutdown(self) -> bool:
         """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
         await self.set_serving(False)
+        deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
         drained = await self.queue.drain(self.config.drain_seconds)
+        # Calls waiting for jobs that other replicas run (shared queue) get the rest of the drain period.
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        drained = await self.servicer.wait_for_waiting_calls(remaining) and drained
+        self.servicer.stopping = True  # calls cut from here on leave their jobs to run
         if not drained:
             log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
         await self.server.stop(grace=5.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -86,6 +87,28 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
+        self.stopping = False
+        self._waiting_calls = 0
+        self._calls_changed = asyncio.Condition()
+
+    async def wait_for_waiting_calls(self, timeout_s: float) -> bool:
+        """Wait until no AutoSegment/Subscribe call is waiting for its job (True), or the timeout passes."""
+        try:
+            async with asyncio.timeout(timeout_s), self._calls_changed:
+                await self._calls_changed.wait_for(lambda: self._waiting_calls == 0)
+            return True
+        except TimeoutError:
+            return False
+
+    @contextlib.asynccontextmanager
+    async def _waiting_call(self) -> AsyncIterator[None]:
+        self._waiting_calls += 1
+        try:
+            yield
+        finally:
+            self._waiting_calls -= 1
+            async with self._calls_changed:
+                self._calls_changed.notify_all()
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
         for kind, reason in _REJECTION_REASONS:
@@ -121,12 +144,13 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
                           context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
         job_id = None
         try:
-            segment = to_segment_request(request, self.limits)
-            job_id = (await self.queue.submit(segment)).id
-            await self.queue.wait(job_id)
-            return await self._result(job_id)
+            async with self._waiting_call():
+                segment = to_segment_request(request, self.limits)
+                job_id = (await self.queue.submit(segment)).id
+                await self.queue.wait(job_id)
+                return await self._result(job_id)
         except asyncio.CancelledError:  # the caller left or its deadline passed: stop the work
-            if job_id is not None:
+            if job_id is not None and not self.stopping:
                 await asyncio.shield(self.queue.cancel(job_id))
             raise
         except Exception as e:
@@ -182,12 +206,13 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SubscribeEvent]:
         job_id = None
         try:
-            job_id = (await self.queue.submit(to_segment_request(request, self.limits))).id
-            async for snapshot in self.queue.watch(job_id):
-                yield pb.SubscribeEvent(status=self._status(snapshot, True))
-            yield pb.SubscribeEvent(result=await self._result(job_id))
+            async with self._waiting_call():
+                job_id = (await self.queue.submit(to_segment_request(request, self.limits))).id
+                async for snapshot in self.queue.watch(job_id):
+                    yield pb.SubscribeEvent(status=self._status(snapshot, True))
+                yield pb.SubscribeEvent(result=await self._result(job_id))
         except asyncio.CancelledError:
-            if job_id is not None:
+            if job_id is not None and not self.stopping:
                 await asyncio.shield(self.queue.cancel(job_id))
             raise
         except Exception as e:

@@ -291,6 +291,41 @@ def test_a_replica_wrongly_declared_lost_cannot_finish_the_job_it_lost(redis_url
     asyncio.run(scenario())
 
 
+class _FirstRunStalls:
+    """First call: works until told to stop, then returns anyway. Later calls: finish at once."""
+
+    def __init__(self) -> None:
+        self.first, self.calls = _StopsWhenAsked(), 0
+
+    def __call__(self, request, should_stop, on_progress, log_line) -> SegmentOutcome:
+        self.calls += 1
+        return self.first(request, should_stop, on_progress, log_line) if self.calls == 1 else _outcome(4)
+
+
+@needs_redis
+def test_a_job_retaken_by_the_same_replica_is_fenced_per_claim(redis_url):
+    async def scenario() -> None:
+        runner = _FirstRunStalls()
+        stalled = RedisJobQueue(runner, redis_url, prefix="claims:", workers=2, heartbeat_s=60)
+        await stalled.start()
+        job = (await stalled.submit(_request())).id
+        await asyncio.get_running_loop().run_in_executor(None, runner.first.started.wait, 30)
+        await stalled._redis.zadd(stalled._key("replicas"), {stalled.replica_id: 0})
+        front = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="claims:", workers=0, heartbeat_s=60)
+        await front.start()
+        assert await front.requeue_lost_jobs() == 1  # the stalled replica's idle worker takes it again
+        final = await front.wait(job)
+        await asyncio.get_running_loop().run_in_executor(None, runner.first.stop_seen.wait, 30)
+        await stalled.drain(30)
+        # The first claim stopped and its CANCELLED was refused: the second claim's result stands.
+        assert final.state is JobState.COMPLETED and (await front.status(job)).state is JobState.COMPLETED
+        assert (await front.result(job)).rendered.mask_count == 4 and runner.calls == 2
+        for queue in (stalled, front):
+            await queue.close()
+
+    asyncio.run(scenario())
+
+
 @needs_redis
 def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_url):
     async def scenario() -> None:

@@ -84,6 +84,8 @@ Runner = Callable[[SegmentRequest, Callable[[], bool], Callable[[int, int], None
 class JobQueue(Protocol):
     """What the transport needs of a queue; `InProcessJobQueue` and `redis_jobs.RedisJobQueue` provide it."""
 
+    shared: bool  # other replicas run its jobs too
+
     async def start(self) -> None: ...
     async def submit(self, request: SegmentRequest) -> JobSnapshot: ...
     async def status(self, job_id: str) -> JobSnapshot: ...
@@ -100,6 +102,8 @@ class JobQueue(Protocol):
 
 
 class InProcessJobQueue:
+    shared = False
+
     def __init__(self, runner: Runner, workers: int = 1, queue_size: int = 32, result_ttl_s: float = 600.0,
                  result_store_bytes: int = 512 * 1024 * 1024,
                  on_finished: Callable[[Job], None] | None = None) -> None:

@@ -5,6 +5,7 @@ run by the others.
 Keys, under a prefix (default "sam2serve:"):
     pending             job ids waiting, oldest first; its length is bounded by queue_size for all replicas
     running:<replica>   ids a replica has taken (moved from pending atomically, so a crash leaves them here)
+    reaping:<replica>   a lost replica's running list, renamed while its ids are requeued
     replicas            sorted set: each replica's last heartbeat (Redis server time, so pod clocks don't matter)
     job:<id>            hash: state, times, progress, version, owner, error, attempts, cancel flag
     request:<id>        the encoded request (`jobcodec`); the image is dropped when the job ends
@@ -27,6 +28,7 @@ The keys of a finished job expire after result_ttl_s.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -42,6 +44,9 @@ from typing import Any, ParamSpec, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import errors, jobcodec
 from .config import without_password
@@ -61,7 +66,7 @@ _PUSH_IF_ROOM = """
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
 return redis.call('RPUSH', KEYS[1], ARGV[2])
 """
-# KEYS: job, events. ARGV: owner, now. 1 claimed; 0 cancelled before it started; -1 gone; -2 not queued.
+# KEYS: job, events. ARGV: claim token, now. 1 claimed; 0 cancelled before it started; -1 gone; -2 not queued.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('HGET', KEYS[1], 'state') ~= 'IN_QUEUE' then return -2 end
@@ -72,9 +77,11 @@ redis.call('PUBLISH', KEYS[2], 'IN_PROGRESS')
 return 1
 """
 # KEYS: job, list the id must be taken from ('' for none), result, request, logs, events.
-# ARGV: id, state, finished_at, error_kind, error_message, ttl, result ('' none), request ('' none).
-# 1 done; 0 the id was not in the list (someone else owns the job now); -1 gone; -2 already ended.
+# ARGV: id, state, finished_at, error_kind, error_message, ttl, result ('' none), request ('' none),
+#       claim token the job must still have ('' for none).
+# 1 done; 0 someone else owns the job now (nothing changed); -1 gone; -2 already ended.
 _FINISH = """
+if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[9] then return 0 end
 if KEYS[2] ~= '' and redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -113,6 +120,16 @@ redis.call('PUBLISH', KEYS[4] .. id, 'IN_QUEUE')
 return {id, attempts, 1}
 """
 
+# A lost replica's running list is renamed before its ids are requeued, so that if the replica is in fact
+# alive, the jobs it takes meanwhile (into a new running list) are not requeued with the old ones. A list
+# left half-reaped by a reaper that died is finished first. KEYS: running, reaping. 1: something to reap.
+_STAGE_FOR_REAPING = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+return 1
+"""
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -132,6 +149,8 @@ def _redis_errors_unavailable(method: Callable[P, Awaitable[T]]) -> Callable[P, 
 
 
 class RedisJobQueue:
+    shared = True
+
     def __init__(self, runner: Runner, url: str, workers: int = 1, queue_size: int = 32,
                  result_ttl_s: float = 600.0, prefix: str = "sam2serve:",
                  on_finished: Callable[[Job], None] | None = None, heartbeat_s: float = 5.0,
@@ -148,18 +167,23 @@ class RedisJobQueue:
                                    "health_check_interval": 30}
         if not url.startswith("unix:"):
             options["socket_keepalive"] = True
-        self._redis = aioredis.Redis.from_url(url, max_connections=max_connections, **options)
-        self._beats = aioredis.Redis.from_url(url, max_connections=4, **options)  # never starved by watchers
-        self._sync = redis.Redis.from_url(url, **options)  # for the job threads and metrics scrapes
+        # No automatic retries: a script whose reply was lost must not run twice. What a lost reply leaves
+        # behind (an id in a running list) is handed back by reconciliation.
+        self._redis = aioredis.Redis.from_url(url, max_connections=max_connections,
+                                              retry=AsyncRetry(NoBackoff(), 0), **options)
+        self._beats = aioredis.Redis.from_url(url, max_connections=4, retry=AsyncRetry(NoBackoff(), 0),
+                                              **options)  # never starved by watchers
+        self._sync = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)  # job threads, scrapes
         self._push = self._redis.register_script(_PUSH_IF_ROOM)
         self._claim = self._redis.register_script(_CLAIM)
         self._finish_script = self._redis.register_script(_FINISH)
         self._requeue = self._beats.register_script(_REQUEUE)
+        self._stage = self._beats.register_script(_STAGE_FOR_REAPING)
         # workers=0: a replica that accepts and answers but runs nothing (the others do)
         self._executor = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="sam2serve-job")
         self._accepting = True
         self._stopping = threading.Event()  # closing: running jobs stop and are handed back
-        self._in_flight: set[str] = set()
+        self._in_flight: collections.Counter[str] = collections.Counter()  # job id → claims running here
         self._orphan_suspects: set[str] = set()
         self._idle = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -285,9 +309,9 @@ class RedisJobQueue:
                 pipe.llen(self._key("pending"))
                 pipe.zcount(self._key("replicas"), seconds + micros / 1e6 - self._lost_after_s, "+inf")
                 waiting, live = pipe.execute()
-            return int(waiting) / max(int(live), 1), len(self._in_flight)
+            return int(waiting) / max(int(live), 1), self._in_flight.total()
         except redis.RedisError:
-            return -1.0, len(self._in_flight)
+            return -1.0, self._in_flight.total()
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting and taking jobs; wait until the running ones finish. Queued jobs stay in Redis for
@@ -325,7 +349,7 @@ class RedisJobQueue:
                 if raw is None:
                     continue
                 job_id = raw.decode()
-                self._in_flight.add(job_id)
+                self._in_flight[job_id] += 1
                 try:
                     if not self._accepting:  # drain began while waiting: hand it back at the front
                         await self._requeue(keys=self._requeue_keys(mine),
@@ -334,44 +358,49 @@ class RedisJobQueue:
                     await self._redis.publish(self._key("moved"), job_id)
                     await self._run_job(job_id)
                 finally:
-                    self._in_flight.discard(job_id)
+                    self._in_flight[job_id] -= 1
+                    if self._in_flight[job_id] <= 0:
+                        del self._in_flight[job_id]
                     async with self._idle:
                         self._idle.notify_all()
             except asyncio.CancelledError:
                 raise
-            except redis.RedisError as e:  # the job (if any) stays listed; reconciliation hands it back
+            except (redis.RedisError, QueueUnavailable) as e:  # the job stays listed; reconciliation hands it back
                 log.warning("job queue: Redis error in a worker (%s); retrying", e)
                 await asyncio.sleep(self._heartbeat_s)  # back off; the pool reconnects
             except Exception:
                 log.exception("job queue: worker error; continuing")
 
     async def _run_job(self, job_id: str) -> None:
+        token = f"{self.replica_id}:{uuid.uuid4().hex[:12]}"  # this claim, not just this replica
         claimed = await self._claim(keys=[self._key("job", job_id), self._key("events", job_id)],
-                                    args=[self.replica_id, repr(time.time())])
+                                    args=[token, repr(time.time())])
         mine = self._key("running", self.replica_id)
         if claimed == 0:
             await self._finish(job_id, JobState.CANCELLED, taken_from=mine)
             return
-        if claimed < 0:  # expired, or already handled (e.g. pushed twice by a retried submit)
+        if claimed < 0:  # expired, or already handled (e.g. a retried submit pushed it twice)
             await self._redis.lrem(mine, 1, job_id)
             return
         request: SegmentRequest | None = None
         try:
             request = await self.request(job_id)
-            outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, job_id, request)
-            await self._finish(job_id, JobState.COMPLETED, taken_from=mine, outcome=outcome, request=request)
+            outcome = await asyncio.get_running_loop().run_in_executor(self._executor, self._run, job_id, token,
+                                                                       request)
+            await self._finish(job_id, JobState.COMPLETED, taken_from=mine, token=token, outcome=outcome,
+                               request=request)
         except _JobStopped:
             if not self._stopping.is_set():  # cancelled, or taken over; a closing replica hands it back
-                await self._finish(job_id, JobState.CANCELLED, taken_from=mine, request=request)
+                await self._finish(job_id, JobState.CANCELLED, taken_from=mine, token=token, request=request)
+        except (asyncio.CancelledError, redis.RedisError, QueueUnavailable):
+            raise  # closing, or Redis unreachable: the job stays listed and is handed back
         except Sam2ServeError as e:
-            await self._finish(job_id, JobState.FAILED, taken_from=mine, error=e, request=request)
-        except (asyncio.CancelledError, redis.RedisError):
-            raise
+            await self._finish(job_id, JobState.FAILED, taken_from=mine, token=token, error=e, request=request)
         except Exception as e:  # a bug, or a request this version cannot read: logged, reported as INTERNAL
             log.exception("request %s failed", job_id)
-            await self._finish(job_id, JobState.FAILED, taken_from=mine, error=e, request=request)
+            await self._finish(job_id, JobState.FAILED, taken_from=mine, token=token, error=e, request=request)
 
-    def _run(self, job_id: str, request: SegmentRequest) -> SegmentOutcome:
+    def _run(self, job_id: str, token: str, request: SegmentRequest) -> SegmentOutcome:
         """On a job thread: the runner, with cancellation and progress through the synchronous client."""
         from .amg.generator import Cancelled
 
@@ -381,7 +410,7 @@ class RedisJobQueue:
             if self._stopping.is_set():
                 return True
             cancel, owner = self._sync.hmget(job_key, ["cancel", "owner"])
-            return cancel == b"1" or owner != self.replica_id.encode()  # cancelled, or no longer ours
+            return cancel == b"1" or owner != token.encode()  # cancelled, or no longer this claim's
 
         def on_progress(done: int, total: int) -> None:
             if not self._stopping.is_set():
@@ -405,10 +434,13 @@ class RedisJobQueue:
         except Cancelled:
             raise _JobStopped from None
 
-    async def _finish(self, job_id: str, state: JobState, taken_from: str = "", error: BaseException | None = None,
-                      outcome: SegmentOutcome | None = None, request: SegmentRequest | None = None) -> bool:
-        """End the job, if `job_id` can still be taken from the list `taken_from` ('' for none). False when
-        another replica owns it now, or it had already ended."""
+    async def _finish(self, job_id: str, state: JobState, taken_from: str = "", token: str = "",
+                      error: BaseException | None = None, outcome: SegmentOutcome | None = None,
+                      request: SegmentRequest | None = None) -> bool:
+        """End the job, if `job_id` can still be taken from the list `taken_from` ('' for none) and (with a
+        `token`) the job is still that claim's. False when another claim owns it, or it had already ended."""
+        if request is None:
+            request = await self._stored_request(job_id)
         kind, message = "", ""
         if error is not None:
             public = isinstance(error, Sam2ServeError)
@@ -419,21 +451,34 @@ class RedisJobQueue:
                   self._key("logs", job_id), self._key("events", job_id)],
             args=[job_id, state.name, repr(time.time()), kind, message, self._ttl,
                   jobcodec.encode(outcome) if outcome is not None else b"",
-                  jobcodec.encode(without_image(request)) if request is not None else b""])
+                  jobcodec.encode(without_image(request)) if request is not None else b"", token])
         if done != 1:
-            if done == 0 and taken_from.startswith(self._key("running", "")):
-                log.warning("job queue: %s was taken over by another replica; its %s here is dropped", job_id,
+            if done == 0 and token:
+                log.warning("job queue: %s was taken over by another claim; its %s here is dropped", job_id,
                             state.name)
             return False
-        if self._on_finished is not None and request is not None:
-            snapshot = await self.status(job_id)
-            try:
-                self._on_finished(Job(id=job_id, request=request, state=state, submitted_at=snapshot.submitted_at,
-                                      started_at=snapshot.started_at, finished_at=snapshot.finished_at,
-                                      progress=snapshot.progress, error=error, outcome=outcome))
-            except Exception:
-                log.exception("job queue: on_finished hook failed for %s", job_id)
+        await self._finished_hook(job_id, state, request, error, outcome)
         return True
+
+    async def _stored_request(self, job_id: str) -> SegmentRequest | None:
+        data = await self._redis.get(self._key("request", job_id))
+        try:
+            return jobcodec.decode(data) if data is not None else None
+        except jobcodec.CodecError:
+            return None
+
+    async def _finished_hook(self, job_id: str, state: JobState, request: SegmentRequest | None,
+                             error: BaseException | None, outcome: SegmentOutcome | None) -> None:
+        """Metrics and webhooks for a job this replica ended."""
+        if self._on_finished is None or request is None:
+            return
+        try:
+            times = await self._redis.hmget(self._key("job", job_id), ["submitted_at", "started_at", "finished_at"])
+            submitted, started, finished = (float(t) if t else None for t in times)
+            self._on_finished(Job(id=job_id, request=request, state=state, submitted_at=submitted or time.time(),
+                                  started_at=started, finished_at=finished, error=error, outcome=outcome))
+        except Exception:
+            log.exception("job queue: on_finished hook failed for %s", job_id)
 
     async def _log(self, job_id: str, message: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -470,7 +515,9 @@ class RedisJobQueue:
             replica = raw.decode()
             if await self._beats.zscore(self._key("replicas"), replica) != score:
                 continue  # it beat (or was handled) meanwhile
-            found += await self._requeue_all(replica, count_attempt=True)
+            reaping = self._key("reaping", replica)
+            if await self._stage(keys=[self._key("running", replica), reaping]):
+                found += await self._requeue_all(reaping, replica, count_attempt=True)
             # Forget it only if it did not beat meanwhile (a live replica keeps its entry).
             async with self._beats.pipeline(transaction=True) as pipe:
                 await pipe.watch(self._key("replicas"))
@@ -486,7 +533,7 @@ class RedisJobQueue:
         or a Redis error before the job ended) go back to the queue. Only ids found so in two rounds in a row:
         one in the list but not yet in `_in_flight` may just be a BLMOVE whose reply is on its way."""
         mine = self._key("running", self.replica_id)
-        listed = {raw.decode() for raw in await self._beats.lrange(mine, 0, -1)} - self._in_flight
+        listed = {raw.decode() for raw in await self._beats.lrange(mine, 0, -1)} - set(self._in_flight)
         suspects, self._orphan_suspects = self._orphan_suspects, listed
         for job_id in listed & suspects:
             if job_id not in self._in_flight:
@@ -494,11 +541,11 @@ class RedisJobQueue:
                 log.warning("job queue: handed back %s, which this replica had listed but was not running", job_id)
 
     async def _hand_back_all(self) -> int:
-        return await self._requeue_all(self.replica_id, count_attempt=False)
+        return await self._requeue_all(self._key("running", self.replica_id), self.replica_id, count_attempt=False)
 
-    async def _requeue_all(self, replica: str, count_attempt: bool) -> int:
-        running, moved = self._key("running", replica), 0
-        while (result := await self._requeue(keys=self._requeue_keys(running),
+    async def _requeue_all(self, source: str, replica: str, count_attempt: bool) -> int:
+        moved = 0
+        while (result := await self._requeue(keys=self._requeue_keys(source),
                                              args=["", "1" if count_attempt else "0", MAX_ATTEMPTS,
                                                    repr(time.time())])) is not None:
             moved += 1
@@ -506,8 +553,22 @@ class RedisJobQueue:
             if requeued:
                 await self._log(job_id, f"the replica running this request ({replica}) stopped; queued again")
                 await self._beats.publish(self._key("moved"), job_id)
+            else:
+                await self._after_failing_lost(job_id)
             log.warning("job queue: %s %s from replica %s", "requeued" if requeued else "failed", job_id, replica)
         return moved
+
+    async def _after_failing_lost(self, job_id: str) -> None:
+        """A job the requeue script failed: keep it only as long as finished jobs, without its image."""
+        request = await self._stored_request(job_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if request is not None:
+                pipe.set(self._key("request", job_id), jobcodec.encode(without_image(request)), ex=self._ttl)
+            for kind in ("job", "logs"):
+                pipe.expire(self._key(kind, job_id), self._ttl)
+            await pipe.execute()
+        snapshot = await self.status(job_id)
+        await self._finished_hook(job_id, JobState.FAILED, request, snapshot.error, None)
 
     def _requeue_keys(self, running: str) -> list[str]:
         return [running, self._key("pending"), self._key("job", ""), self._key("events", "")]

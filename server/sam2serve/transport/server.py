@@ -60,7 +60,8 @@ class RunningServer:
         # Calls waiting for jobs that other replicas run (shared queue) get the rest of the drain period.
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         drained = await self.servicer.wait_for_waiting_calls(remaining) and drained
-        self.servicer.stopping = True  # calls cut from here on leave their jobs to run
+        # Calls cut from here on leave their jobs to the replicas that run them; in-process jobs stop with them.
+        self.servicer.stopping = self.queue.shared
         if not drained:
             log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
         await self.server.stop(grace=5.0)

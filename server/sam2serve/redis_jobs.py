@@ -184,6 +184,8 @@ class RedisJobQueue:
         self._accepting = True
         self._stopping = threading.Event()  # closing: running jobs stop and are handed back
         self._in_flight: collections.Counter[str] = collections.Counter()  # job id → claims running here
+        self._running = 0  # the same count as a plain int, for metrics scrapes on another thread
+        self._last_share = 0.0
         self._orphan_suspects: set[str] = set()
         self._idle = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -302,16 +304,18 @@ class RedisJobQueue:
     def depth(self) -> tuple[float, int]:
         """(this replica's share of the shared queue, jobs running here). The share is waiting jobs over live
         replicas, so that an autoscaler averaging the per-pod values sees the total over the pod count, as
-        with per-pod queues. Called from metrics scrapes, off the event loop; -1 while Redis is unreachable."""
+        with per-pod queues. Called from metrics scrapes, off the event loop; while Redis is unreachable it
+        repeats the last value (a negative or missing one would make an autoscaler act on nothing)."""
         try:
             seconds, micros = self._sync.time()
             with self._sync.pipeline(transaction=False) as pipe:
                 pipe.llen(self._key("pending"))
                 pipe.zcount(self._key("replicas"), seconds + micros / 1e6 - self._lost_after_s, "+inf")
                 waiting, live = pipe.execute()
-            return int(waiting) / max(int(live), 1), self._in_flight.total()
+            self._last_share = int(waiting) / max(int(live), 1)
         except redis.RedisError:
-            return -1.0, self._in_flight.total()
+            log.warning("job queue: Redis unreachable for a metrics scrape; repeating the last queue depth")
+        return self._last_share, self._running
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop accepting and taking jobs; wait until the running ones finish. Queued jobs stay in Redis for
@@ -350,6 +354,7 @@ class RedisJobQueue:
                     continue
                 job_id = raw.decode()
                 self._in_flight[job_id] += 1
+                self._running += 1
                 try:
                     if not self._accepting:  # drain began while waiting: hand it back at the front
                         await self._requeue(keys=self._requeue_keys(mine),
@@ -358,6 +363,7 @@ class RedisJobQueue:
                     await self._redis.publish(self._key("moved"), job_id)
                     await self._run_job(job_id)
                 finally:
+                    self._running -= 1
                     self._in_flight[job_id] -= 1
                     if self._in_flight[job_id] <= 0:
                         del self._in_flight[job_id]

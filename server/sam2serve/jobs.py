@@ -263,7 +263,7 @@ class InProcessJobQueue:
                 job.outcome = await self._loop.run_in_executor(self._executor, self._run, job)
                 job.result_bytes = _outcome_bytes(job.outcome)
                 self._finish(job, JobState.COMPLETED)
-            except _JobStopped:
+            except JobStopped:
                 self._finish(job, JobState.CANCELLED)
             except Sam2ServeError as e:
                 self._finish(job, JobState.FAILED, e)
@@ -275,8 +275,6 @@ class InProcessJobQueue:
                 await self._notify()
 
     def _run(self, job: Job) -> SegmentOutcome:
-        from .amg.generator import Cancelled
-
         def should_stop() -> bool:
             return job.cancel_requested.is_set()
 
@@ -287,14 +285,22 @@ class InProcessJobQueue:
         def log_line(message: str) -> None:
             self._loop.call_soon_threadsafe(self._log, job, message)
 
-        try:
-            return self._runner(job.request, should_stop, on_progress, log_line)
-        except Cancelled:
-            raise _JobStopped from None
+        return run_stoppable(self._runner, job.request, should_stop, on_progress, log_line)
 
 
-class _JobStopped(Exception):
-    pass
+class JobStopped(Exception):
+    """The runner stopped at a batch boundary because `should_stop` said so."""
+
+
+def run_stoppable(runner: Runner, request: SegmentRequest, should_stop: Callable[[], bool],
+                  on_progress: Callable[[int, int], None], log_line: Callable[[str], None]) -> SegmentOutcome:
+    """The runner, with the generator's cancellation turned into `JobStopped` for the queue to handle."""
+    from .amg.generator import Cancelled
+
+    try:
+        return runner(request, should_stop, on_progress, log_line)
+    except Cancelled:
+        raise JobStopped from None
 
 
 def raise_unless_completed(job_id: str, state: JobState, error: BaseException | None) -> None:

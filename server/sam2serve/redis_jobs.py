@@ -51,7 +51,17 @@ from redis.retry import Retry
 from . import errors, jobcodec
 from .config import without_password
 from .errors import JobNotFound, QueueFull, QueueUnavailable, Sam2ServeError, ShuttingDown
-from .jobs import CancelOutcome, Job, JobSnapshot, JobState, Runner, raise_unless_completed, without_image
+from .jobs import (
+    CancelOutcome,
+    Job,
+    JobSnapshot,
+    JobState,
+    JobStopped,
+    Runner,
+    raise_unless_completed,
+    run_stoppable,
+    without_image,
+)
 from .pipeline import SegmentOutcome, SegmentRequest
 
 log = logging.getLogger(__name__)
@@ -357,8 +367,7 @@ class RedisJobQueue:
                 self._running += 1
                 try:
                     if not self._accepting:  # drain began while waiting: hand it back at the front
-                        await self._requeue(keys=self._requeue_keys(mine),
-                                            args=[job_id, "0", MAX_ATTEMPTS, repr(time.time())])
+                        await self._hand_back(mine, job_id)
                         return
                     await self._redis.publish(self._key("moved"), job_id)
                     await self._run_job(job_id)
@@ -395,7 +404,7 @@ class RedisJobQueue:
                                                                        request)
             await self._finish(job_id, JobState.COMPLETED, taken_from=mine, token=token, outcome=outcome,
                                request=request)
-        except _JobStopped:
+        except JobStopped:
             if not self._stopping.is_set():  # cancelled, or taken over; a closing replica hands it back
                 await self._finish(job_id, JobState.CANCELLED, taken_from=mine, token=token, request=request)
         except (asyncio.CancelledError, redis.RedisError, QueueUnavailable):
@@ -408,8 +417,6 @@ class RedisJobQueue:
 
     def _run(self, job_id: str, token: str, request: SegmentRequest) -> SegmentOutcome:
         """On a job thread: the runner, with cancellation and progress through the synchronous client."""
-        from .amg.generator import Cancelled
-
         job_key, events = self._key("job", job_id), self._key("events", job_id)
 
         def should_stop() -> bool:
@@ -429,16 +436,10 @@ class RedisJobQueue:
         def log_line(message: str) -> None:
             if not self._stopping.is_set():
                 with self._sync.pipeline(transaction=True) as pipe:
-                    pipe.rpush(self._key("logs", job_id), json.dumps([time.time(), message]))
-                    pipe.expire(self._key("logs", job_id), UNFINISHED_TTL_S)
-                    pipe.hincrby(job_key, "version", 1)
-                    pipe.publish(events, "log")
+                    self._queue_log_entry(pipe, job_id, message)
                     pipe.execute()
 
-        try:
-            return self._runner(request, should_stop, on_progress, log_line)
-        except Cancelled:
-            raise _JobStopped from None
+        return run_stoppable(self._runner, request, should_stop, on_progress, log_line)
 
     async def _finish(self, job_id: str, state: JobState, taken_from: str = "", token: str = "",
                       error: BaseException | None = None, outcome: SegmentOutcome | None = None,
@@ -488,11 +489,15 @@ class RedisJobQueue:
 
     async def _log(self, job_id: str, message: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(self._key("logs", job_id), json.dumps([time.time(), message]))
-            pipe.expire(self._key("logs", job_id), UNFINISHED_TTL_S)
-            pipe.hincrby(self._key("job", job_id), "version", 1)
-            pipe.publish(self._key("events", job_id), "log")
+            self._queue_log_entry(pipe, job_id, message)
             await pipe.execute()
+
+    def _queue_log_entry(self, pipe: Any, job_id: str, message: str) -> None:
+        """Add a log entry's commands to a pipeline (sync or async: queueing commands is the same)."""
+        pipe.rpush(self._key("logs", job_id), json.dumps([time.time(), message]))
+        pipe.expire(self._key("logs", job_id), UNFINISHED_TTL_S)
+        pipe.hincrby(self._key("job", job_id), "version", 1)
+        pipe.publish(self._key("events", job_id), "log")
 
     # -- liveness ----------------------------------------------------------------------------------------
     async def _keep_alive(self) -> None:
@@ -543,7 +548,7 @@ class RedisJobQueue:
         suspects, self._orphan_suspects = self._orphan_suspects, listed
         for job_id in listed & suspects:
             if job_id not in self._in_flight:
-                await self._requeue(keys=self._requeue_keys(mine), args=[job_id, "0", MAX_ATTEMPTS, repr(time.time())])
+                await self._hand_back(mine, job_id)
                 log.warning("job queue: handed back %s, which this replica had listed but was not running", job_id)
 
     async def _hand_back_all(self) -> int:
@@ -576,15 +581,15 @@ class RedisJobQueue:
         snapshot = await self.status(job_id)
         await self._finished_hook(job_id, JobState.FAILED, request, snapshot.error, None)
 
+    async def _hand_back(self, running: str, job_id: str) -> None:
+        """`job_id` from `running` to the front of the queue, not counted as an attempt."""
+        await self._requeue(keys=self._requeue_keys(running), args=[job_id, "0", MAX_ATTEMPTS, repr(time.time())])
+
     def _requeue_keys(self, running: str) -> list[str]:
         return [running, self._key("pending"), self._key("job", ""), self._key("events", "")]
 
     def _key(self, *parts: str) -> str:
         return self._prefix + ":".join(parts)
-
-
-class _JobStopped(Exception):
-    pass
 
 
 def _snapshot(job_id: str, fields: dict[str, str], logs: list[bytes], position: int | None) -> JobSnapshot:

@@ -22,6 +22,10 @@ def stability_score(logits: np.ndarray, mask_threshold: float, offset: float) ->
     """IoU of the masks thresholded at threshold ± offset (the high one lies inside the low one)."""
     inter = np.count_nonzero(logits > (mask_threshold + offset))
     union = np.count_nonzero(logits > (mask_threshold - offset))
+    return _stability_from_counts(inter, union)
+
+
+def _stability_from_counts(inter: int, union: int) -> np.float32:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.float32(inter) / np.float32(union)  # 0/0 is NaN, as in the reference
 
@@ -49,9 +53,7 @@ def upsampled_stability_and_box(low_res: np.ndarray, size_hw: tuple[int, int], m
             return h * w
         return cv2.countNonZero((up > threshold).view(np.uint8))
 
-    inter, union = count_above(t_high), count_above(t_low)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        stability = np.float32(inter) / np.float32(union)
+    stability = _stability_from_counts(count_above(t_high), count_above(t_low))
     if high + margin <= mask_threshold:
         return stability, np.zeros(4, np.int64)
     x, y, bw, bh = cv2.boundingRect((up > mask_threshold).view(np.uint8))

@@ -204,6 +204,18 @@ def _request() -> SegmentRequest:
     return SegmentRequest("bytes", b"image", GeneratorParams())
 
 
+async def _until(event: threading.Event) -> None:
+    """Wait (off the event loop) for a runner thread's signal."""
+    await asyncio.get_running_loop().run_in_executor(None, event.wait, 30)
+
+
+async def _submit_and_start(queue: RedisJobQueue, started: threading.Event) -> str:
+    """Submit a job and wait until its runner is running it."""
+    job = (await queue.submit(_request())).id
+    await _until(started)
+    return job
+
+
 async def _die(queue: RedisJobQueue) -> None:
     """What a killed process leaves behind: its running list, and a heartbeat that has expired."""
     queue._accepting = False
@@ -219,14 +231,13 @@ def test_a_lost_replicas_job_runs_again_once_then_fails(redis_url):
         doomed = [_Blocking(), _Blocking()]
         first = RedisJobQueue(doomed[0], redis_url, prefix="lost:", heartbeat_s=60)
         await first.start()
-        job = (await first.submit(_request())).id
-        await asyncio.get_running_loop().run_in_executor(None, doomed[0].started.wait, 30)
+        job = await _submit_and_start(first, doomed[0].started)
         await _die(first)
 
         second = RedisJobQueue(doomed[1], redis_url, prefix="lost:", heartbeat_s=60)
         await second.start()
         assert await second.requeue_lost_jobs() == 1  # back in the queue; second's worker takes it
-        await asyncio.get_running_loop().run_in_executor(None, doomed[1].started.wait, 30)
+        await _until(doomed[1].started)
         status = await second.status(job)
         assert status.state is JobState.IN_PROGRESS
         assert any("stopped; queued again" in message for _, message in status.logs)
@@ -270,8 +281,7 @@ def test_a_replica_wrongly_declared_lost_cannot_finish_the_job_it_lost(redis_url
         slow = _StopsWhenAsked()
         stalled = RedisJobQueue(slow, redis_url, prefix="fence:", heartbeat_s=60)
         await stalled.start()
-        job = (await stalled.submit(_request())).id
-        await asyncio.get_running_loop().run_in_executor(None, slow.started.wait, 30)
+        job = await _submit_and_start(stalled, slow.started)
         # Its heartbeat looks old (an event-loop stall, a partition), but it is still running the job.
         await stalled._redis.zadd(stalled._key("replicas"), {stalled.replica_id: 0})
 
@@ -280,7 +290,7 @@ def test_a_replica_wrongly_declared_lost_cannot_finish_the_job_it_lost(redis_url
         assert await taker.requeue_lost_jobs() == 1
         final = await taker.wait(job)
         assert final.state is JobState.COMPLETED
-        await asyncio.get_running_loop().run_in_executor(None, slow.stop_seen.wait, 30)
+        await _until(slow.stop_seen)
         assert slow.stop_seen.is_set()  # the stalled replica's job saw it was no longer its own
         await stalled.drain(30)
         assert (await taker.result(job)).rendered.mask_count == 3  # its late outcome was not written
@@ -308,14 +318,13 @@ def test_a_job_retaken_by_the_same_replica_is_fenced_per_claim(redis_url):
         runner = _FirstRunStalls()
         stalled = RedisJobQueue(runner, redis_url, prefix="claims:", workers=2, heartbeat_s=60)
         await stalled.start()
-        job = (await stalled.submit(_request())).id
-        await asyncio.get_running_loop().run_in_executor(None, runner.first.started.wait, 30)
+        job = await _submit_and_start(stalled, runner.first.started)
         await stalled._redis.zadd(stalled._key("replicas"), {stalled.replica_id: 0})
         front = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="claims:", workers=0, heartbeat_s=60)
         await front.start()
         assert await front.requeue_lost_jobs() == 1  # the stalled replica's idle worker takes it again
         final = await front.wait(job)
-        await asyncio.get_running_loop().run_in_executor(None, runner.first.stop_seen.wait, 30)
+        await _until(runner.first.stop_seen)
         await stalled.drain(30)
         # The first claim stopped and its CANCELLED was refused: the second claim's result stands.
         assert final.state is JobState.COMPLETED and (await front.status(job)).state is JobState.COMPLETED
@@ -332,8 +341,7 @@ def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_ur
         slow = _StopsWhenAsked()
         closing = RedisJobQueue(slow, redis_url, prefix="close:")
         await closing.start()
-        job = (await closing.submit(_request())).id
-        await asyncio.get_running_loop().run_in_executor(None, slow.started.wait, 30)
+        job = await _submit_and_start(closing, slow.started)
         await closing.close()  # no drain (or one that timed out)
         reader = _reader(redis_url, "close:")
         status = await reader.status(job)
@@ -378,8 +386,7 @@ def test_draining_leaves_queued_jobs_to_the_other_replicas(redis_url):
         blocking = _Blocking()
         leaving = RedisJobQueue(blocking, redis_url, prefix="drain:")
         await leaving.start()
-        running = (await leaving.submit(_request())).id
-        await asyncio.get_running_loop().run_in_executor(None, blocking.started.wait, 30)
+        running = await _submit_and_start(leaving, blocking.started)
         waiting = (await leaving.submit(_request())).id
         drained = asyncio.create_task(leaving.drain(30))
         blocking.release.set()

@@ -28,7 +28,7 @@ from sam2serve.jobs.redis import RedisJobStore
 from sam2serve.v1 import sam2serve_pb2 as pb
 
 State = pb.RequestStatus
-def RedisJobQueue(work, url: str, workers: int = 1, **store_options) -> JobService:
+def redis_queue(work, url: str, workers: int = 1, **store_options) -> JobService:
     """A replica's job layer: a Redis store and a worker running `work(request, control)`."""
     return service(RedisJobStore(url, **store_options), work, workers=workers)
 
@@ -58,7 +58,7 @@ def test_codec_refuses_what_it_did_not_write():
 @needs_redis
 def test_an_unreachable_redis_fails_at_startup_with_its_address(tmp_path):
     async def start() -> None:
-        queue = RedisJobQueue(lambda *a: _outcome(), f"unix://{tmp_path}/nothing.sock")
+        queue = redis_queue(lambda *a: _outcome(), f"unix://{tmp_path}/nothing.sock")
         try:
             await queue.start()
         finally:
@@ -186,12 +186,12 @@ async def _die(queue: JobService) -> None:
 def test_a_lost_replicas_job_runs_again_once_then_fails(redis_url):
     async def scenario() -> None:
         doomed = [_Blocking(), _Blocking()]
-        first = RedisJobQueue(doomed[0], redis_url, prefix="lost:", heartbeat_s=60)
+        first = redis_queue(doomed[0], redis_url, prefix="lost:", heartbeat_s=60)
         await first.start()
         job = await _submit_and_start(first, doomed[0].started)
         await _die(first)
 
-        second = RedisJobQueue(doomed[1], redis_url, prefix="lost:", heartbeat_s=60)
+        second = redis_queue(doomed[1], redis_url, prefix="lost:", heartbeat_s=60)
         await second.start()
         assert await second.store.requeue_lost_jobs() == 1  # back in the queue; second's worker takes it
         await _until(doomed[1].started)
@@ -200,7 +200,7 @@ def test_a_lost_replicas_job_runs_again_once_then_fails(redis_url):
         assert any("stopped; queued again" in message for _, message in status.logs)
         await _die(second)
 
-        third = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="lost:", heartbeat_s=60)
+        third = redis_queue(lambda *a: _outcome(), redis_url, prefix="lost:", heartbeat_s=60)
         await third.start()
         assert await third.store.requeue_lost_jobs() == 1
         final = await third.wait(job)
@@ -236,13 +236,13 @@ class _StopsWhenAsked:
 def test_a_replica_wrongly_declared_lost_cannot_finish_the_job_it_lost(redis_url):
     async def scenario() -> None:
         slow = _StopsWhenAsked()
-        stalled = RedisJobQueue(slow, redis_url, prefix="fence:", heartbeat_s=60)
+        stalled = redis_queue(slow, redis_url, prefix="fence:", heartbeat_s=60)
         await stalled.start()
         job = await _submit_and_start(stalled, slow.started)
         # Its heartbeat looks old (an event-loop stall, a partition), but it is still running the job.
         await stalled.store._redis.zadd(stalled.store._key("replicas"), {stalled.store.replica_id: 0})
 
-        taker = RedisJobQueue(lambda *a: _outcome(3), redis_url, prefix="fence:", heartbeat_s=60)
+        taker = redis_queue(lambda *a: _outcome(3), redis_url, prefix="fence:", heartbeat_s=60)
         await taker.start()
         assert await taker.store.requeue_lost_jobs() == 1
         final = await taker.wait(job)
@@ -273,11 +273,11 @@ class _FirstRunStalls:
 def test_a_job_retaken_by_the_same_replica_is_fenced_per_claim(redis_url):
     async def scenario() -> None:
         runner = _FirstRunStalls()
-        stalled = RedisJobQueue(runner, redis_url, prefix="claims:", workers=2, heartbeat_s=60)
+        stalled = redis_queue(runner, redis_url, prefix="claims:", workers=2, heartbeat_s=60)
         await stalled.start()
         job = await _submit_and_start(stalled, runner.first.started)
         await stalled.store._redis.zadd(stalled.store._key("replicas"), {stalled.store.replica_id: 0})
-        front = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="claims:", workers=0, heartbeat_s=60)
+        front = redis_queue(lambda *a: _outcome(), redis_url, prefix="claims:", workers=0, heartbeat_s=60)
         await front.start()
         assert await front.store.requeue_lost_jobs() == 1  # the stalled replica's idle worker takes it again
         final = await front.wait(job)
@@ -296,7 +296,7 @@ def test_a_job_retaken_by_the_same_replica_is_fenced_per_claim(redis_url):
 def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_url):
     async def scenario() -> None:
         slow = _StopsWhenAsked()
-        closing = RedisJobQueue(slow, redis_url, prefix="close:")
+        closing = redis_queue(slow, redis_url, prefix="close:")
         await closing.start()
         job = await _submit_and_start(closing, slow.started)
         await closing.close()  # no drain (or one that timed out)
@@ -305,7 +305,7 @@ def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_ur
         await reader.close()
         assert status.state is JobState.IN_QUEUE and status.queue_position == 0
         assert any("queued again" in message for _, message in status.logs)
-        successor = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="close:")
+        successor = redis_queue(lambda *a: _outcome(), redis_url, prefix="close:")
         await successor.start()
         assert (await successor.wait(job)).state is JobState.COMPLETED
         assert await successor.store._redis.hget(successor.store._key("job", job), "attempts") == b"0"
@@ -317,7 +317,7 @@ def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_ur
 @needs_redis
 def test_an_id_left_in_a_replicas_running_list_goes_back_to_the_queue(redis_url):
     async def scenario() -> None:
-        front = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="orphan:", workers=0)
+        front = redis_queue(lambda *a: _outcome(), redis_url, prefix="orphan:", workers=0)
         await front.start()
         job = (await front.submit(_request())).id
         # What a BLMOVE whose reply was lost leaves: the id moved to this replica's list, no job running.
@@ -335,14 +335,14 @@ def test_an_id_left_in_a_replicas_running_list_goes_back_to_the_queue(redis_url)
 
 def _reader(redis_url: str, prefix: str) -> JobService:
     """A queue object used only to read (never started: no worker, no heartbeat)."""
-    return RedisJobQueue(lambda *a: _outcome(), redis_url, prefix=prefix, workers=0)
+    return redis_queue(lambda *a: _outcome(), redis_url, prefix=prefix, workers=0)
 
 
 @needs_redis
 def test_draining_leaves_queued_jobs_to_the_other_replicas(redis_url):
     async def scenario() -> None:
         blocking = _Blocking()
-        leaving = RedisJobQueue(blocking, redis_url, prefix="drain:")
+        leaving = redis_queue(blocking, redis_url, prefix="drain:")
         await leaving.start()
         running = await _submit_and_start(leaving, blocking.started)
         waiting = (await leaving.submit(_request())).id
@@ -353,7 +353,7 @@ def test_draining_leaves_queued_jobs_to_the_other_replicas(redis_url):
         assert (await leaving.status(waiting)).state is JobState.IN_QUEUE  # not run, not lost
         await leaving.close()
 
-        staying = RedisJobQueue(lambda *a: _outcome(3), redis_url, prefix="drain:")
+        staying = redis_queue(lambda *a: _outcome(3), redis_url, prefix="drain:")
         await staying.start()
         assert (await staying.wait(waiting)).state is JobState.COMPLETED
         assert (await staying.result(waiting)).outcome.rendered.mask_count == 3
@@ -366,7 +366,7 @@ def test_draining_leaves_queued_jobs_to_the_other_replicas(redis_url):
 @needs_redis
 def test_each_replica_reports_its_share_of_the_shared_queue(redis_url):
     async def scenario() -> None:
-        fronts = [RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="share:", workers=0) for _ in range(2)]
+        fronts = [redis_queue(lambda *a: _outcome(), redis_url, prefix="share:", workers=0) for _ in range(2)]
         for queue in fronts:
             await queue.start()
         for _ in range(3):

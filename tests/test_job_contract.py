@@ -334,7 +334,7 @@ def test_a_caller_that_leaves_cancels_its_job(make_store):
         async def caller() -> None:
             async with jobs.attached(request()) as job:
                 submitted.append(job.id)
-                await jobs.wait(job.id)
+                await asyncio.Event().wait()  # waits for something of its own until it is cancelled
 
         call = asyncio.create_task(caller())
         await asyncio.get_running_loop().run_in_executor(None, slow.started.wait, 30)

@@ -288,10 +288,7 @@ class RedisJobStore:
                 for _ in channels:  # confirmed: no change made after this point can be missed
                     await pubsub.get_message(timeout=self._watch_poll_s)
                 seen: tuple[int, int] | None = None
-                task = asyncio.current_task()
                 while True:
-                    if task is not None and task.cancelling():  # a cancel the client swallowed while reading
-                        raise asyncio.CancelledError
                     snapshot = await self.snapshot(job_id)
                     if (snapshot.version, snapshot.queue_position) != seen:
                         seen = (snapshot.version, snapshot.queue_position)

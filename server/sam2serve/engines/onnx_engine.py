@@ -133,6 +133,11 @@ class OnnxEngine(AllTokensEngine):
             features, point_coords, point_labels, mask_input, self.manifest.low_res_mask_size))
         return masks, iou
 
+    @property
+    def can_skip_masks(self) -> bool:
+        """True when the split decoder is loaded, so that `decode_above` skips the masks it need not make."""
+        return self._prompt_head is not None
+
     def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
                      iou_threshold: float) -> DecodedMasks:
         """With the split decoder, masks only for prompts with some multimask IoU above `iou_threshold`; the

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from ..admission import AdmissionLimits, admit
 from ..domain import SegmentRequest
 from .model import CancelOutcome, JobResult, JobSnapshot, shutting_down
 from .store import JobStore
@@ -14,8 +15,9 @@ from .worker import Worker
 
 
 class JobService:
-    def __init__(self, store: JobStore, worker: Worker) -> None:
+    def __init__(self, store: JobStore, worker: Worker, limits: AdmissionLimits | None = None) -> None:
         self.store, self.worker = store, worker
+        self.limits = limits or AdmissionLimits()
         self._accepting = True
         self._stopping = False  # calls cut from here on leave their jobs to the replicas that run them
         self._waiting_calls = 0
@@ -34,6 +36,7 @@ class JobService:
     async def submit(self, request: SegmentRequest) -> JobSnapshot:
         if not self._accepting:
             raise shutting_down()
+        admit(request, self.limits)
         return await self.store.add(request)
 
     async def status(self, job_id: str) -> JobSnapshot:

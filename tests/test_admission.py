@@ -1,0 +1,48 @@
+"""What JobService refuses before anything is stored, for every protocol: parameters the generator cannot
+run, the work cap, the image cap, ids this server never issued."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+import pytest
+
+from jobfakes import outcome, request, service
+from sam2serve.admission import AdmissionLimits
+from sam2serve.errors import InvalidInput
+from sam2serve.jobs.memory import MemoryJobStore
+
+
+def submitted(req, limits: AdmissionLimits | None = None):
+    """Submit `req` to a fresh in-process JobService; (the error raised or None, jobs stored)."""
+
+    async def main():
+        store = MemoryJobStore()
+        jobs = service(store, lambda r, c: outcome())
+        if limits is not None:
+            jobs.limits = limits
+        try:
+            await jobs.submit(req)
+        except Exception as e:
+            return e, len(store._jobs)
+        return None, len(store._jobs)
+
+    return asyncio.run(main())
+
+
+def with_params(**params):
+    base = request()
+    return replace(base, params=replace(base.params, **params))
+
+
+@pytest.mark.parametrize(("points", "layers", "scale", "layer"), [(1, 1, 2, 1), (3, 2, 2, 2), (15, 3, 4, 2)])
+def test_a_crop_layer_without_points_is_refused_not_divided_by_zero(points, layers, scale, layer):
+    error, stored = submitted(with_params(points_per_side=points, crop_n_layers=layers,
+                                          crop_n_points_downscale_factor=scale))
+    assert isinstance(error, InvalidInput) and stored == 0
+    assert f"crop layer {layer} would have no points" in str(error) and f"points_per_side {points}" in str(error)
+
+
+def test_a_grid_that_keeps_a_point_per_layer_is_accepted():
+    assert submitted(with_params(points_per_side=4, crop_n_layers=2, crop_n_points_downscale_factor=2)) == (None, 1)

@@ -10,7 +10,7 @@ import pytest
 
 from jobfakes import outcome, request, service
 from sam2serve.admission import AdmissionLimits
-from sam2serve.errors import InvalidInput
+from sam2serve.errors import InvalidInput, JobNotFound
 from sam2serve.jobs.memory import MemoryJobStore
 
 
@@ -46,3 +46,31 @@ def test_a_crop_layer_without_points_is_refused_not_divided_by_zero(points, laye
 
 def test_a_grid_that_keeps_a_point_per_layer_is_accepted():
     assert submitted(with_params(points_per_side=4, crop_n_layers=2, crop_n_points_downscale_factor=2)) == (None, 1)
+
+
+class _NoLookups(MemoryJobStore):
+    """A store that fails the test if it is asked about an id."""
+
+    async def snapshot(self, job_id):
+        raise AssertionError(f"looked up {job_id[:40]!r}")
+
+    result = cancel = snapshot
+
+    def changes(self, job_id):
+        raise AssertionError(f"watched {job_id[:40]!r}")
+
+
+def test_ids_this_server_never_issues_are_not_found_without_a_lookup_and_never_echoed_in_full():
+    async def main():
+        jobs = service(_NoLookups(), lambda r, c: outcome())
+        for job_id in ("x" * 100_000, "nope", "A" * 32, "0" * 31 + "g", ""):
+            for call in (jobs.status, jobs.result, jobs.cancel):
+                with pytest.raises(JobNotFound) as info:
+                    await call(job_id)
+                assert len(str(info.value)) < 200 and "32 hexadecimal characters" in str(info.value)
+            with pytest.raises(JobNotFound):
+                jobs.watch(job_id)
+        with pytest.raises(JobNotFound, match=r"no request with id 'xxxx.*… \(100000 characters\)"):
+            await jobs.status("x" * 100_000)
+
+    asyncio.run(main())

@@ -157,6 +157,15 @@ def test_finished_job_cannot_be_cancelled_and_unknown_ids(server):
     with pytest.raises(grpc.RpcError) as watch:
         list(server.stub.WatchStatus(pb.StatusRequest(request_id="nope"), timeout=10))
     assert watch.value.code() == grpc.StatusCode.NOT_FOUND
+    huge = "x" * 100_000  # echoed in full, its status trailer passed the client's 16 KB limit: RESOURCE_EXHAUSTED
+    for call, message in ((server.stub.GetStatus, pb.StatusRequest(request_id=huge)),
+                          (server.stub.GetResult, pb.ResultRequest(request_id=huge)),
+                          (server.stub.Cancel, pb.CancelRequest(request_id=huge)),
+                          (lambda m, timeout: list(server.stub.WatchStatus(m, timeout=timeout)),
+                           pb.StatusRequest(request_id=huge))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(message, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and len(info.value.details()) < 200
 
 
 BAD_INPUTS = [

@@ -20,6 +20,7 @@ from .model import (
     JobState,
     check_transition,
     error_from,
+    new_id,
     not_found,
     queue_full,
     raise_unless_completed,
@@ -69,7 +70,7 @@ class MemoryJobStore:
     async def add(self, request: SegmentRequest) -> JobSnapshot:
         if len(self._pending) >= self._queue_size:
             raise queue_full(self._queue_size)
-        job = _Job(id=uuid.uuid4().hex, request=request)
+        job = _Job(id=new_id(), request=request)
         self._jobs[job.id] = job
         self._pending.append(job)
         self._touch(job)

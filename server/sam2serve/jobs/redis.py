@@ -66,6 +66,7 @@ from .model import (
     JobState,
     error_from,
     lua_transitions,
+    new_id,
     not_found,
     queue_full,
     raise_unless_completed,
@@ -255,7 +256,7 @@ class RedisJobStore:
     # -- callers -----------------------------------------------------------------------------------------------
     @_redis_errors_unavailable
     async def add(self, request: SegmentRequest) -> JobSnapshot:
-        job_id, submitted_at = uuid.uuid4().hex, time.time()
+        job_id, submitted_at = new_id(), time.time()
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key("job", job_id), mapping={"state": JobState.IN_QUEUE.name, "version": 1,
                                                           "submitted_at": repr(submitted_at), "progress": 0,

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from ..admission import AdmissionLimits, admit
 from ..domain import SegmentRequest
-from .model import CancelOutcome, JobResult, JobSnapshot, shutting_down
+from .model import CancelOutcome, JobResult, JobSnapshot, is_issued_id, not_found, shutting_down
 from .store import JobStore
 from .worker import Worker
 
@@ -40,11 +40,11 @@ class JobService:
         return await self.store.add(request)
 
     async def status(self, job_id: str) -> JobSnapshot:
-        return await self.store.snapshot(job_id)
+        return await self.store.snapshot(_issued(job_id))
 
     def watch(self, job_id: str) -> AsyncIterator[JobSnapshot]:
         """The current state, then every change, ending with a terminal state."""
-        return self.store.changes(job_id)
+        return self.store.changes(_issued(job_id))
 
     async def wait(self, job_id: str) -> JobSnapshot:
         async with contextlib.aclosing(self.store.changes(job_id)) as snapshots:
@@ -54,10 +54,10 @@ class JobService:
         raise AssertionError("a job's changes end with a terminal state")
 
     async def result(self, job_id: str) -> JobResult:
-        return await self.store.result(job_id)
+        return await self.store.result(_issued(job_id))
 
     async def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]:
-        return await self.store.cancel(job_id)
+        return await self.store.cancel(_issued(job_id))
 
     @contextlib.asynccontextmanager
     async def attached(self, request: SegmentRequest) -> AsyncIterator[JobSnapshot]:
@@ -117,3 +117,10 @@ class JobService:
             self._waiting_calls -= 1
             async with self._calls_changed:
                 self._calls_changed.notify_all()
+
+
+def _issued(job_id: str) -> str:
+    """`job_id`, if it has the form of an id a store issues; else NOT_FOUND without a lookup."""
+    if not is_issued_id(job_id):
+        raise not_found(job_id)
+    return job_id

@@ -212,6 +212,23 @@ def test_bad_inputs_are_invalid_argument_and_the_server_stays_up(server, request
     _assert_serving(server)
 
 
+@pytest.mark.parametrize(("method", "streaming", "message_type"), [
+    ("GetInfo", False, "sam2serve.v1.GetInfoRequest"), ("Submit", False, "sam2serve.v1.AutoSegmentRequest"),
+    ("WatchStatus", True, "sam2serve.v1.StatusRequest"), ("Subscribe", True, "sam2serve.v1.AutoSegmentRequest")])
+def test_undecodable_requests_are_invalid_argument_naming_the_message(server, method, streaming, message_type):
+    """Bytes that are not the method's protobuf message: gRPC's default was UNKNOWN naming a Python class."""
+    path = f"/sam2serve.v1.AutoSegmentService/{method}"
+    call = (server.channel.unary_stream if streaming else server.channel.unary_unary)(path)
+    for garbage in (b"\xff\xff\xff\xff\x0f", b"\x0a\xff\xff\xff\xff\x7f"):  # bad varint; length past the end
+        with pytest.raises(grpc.RpcError) as info:
+            reply = call(garbage, timeout=10)
+            if streaming:
+                list(reply)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert info.value.details() == f"the request is not a valid {message_type} message (protobuf wire format)"
+    _assert_serving(server)
+
+
 @pytest.fixture(scope="module")
 def locked_server(tiny_engine):
     s = ServerThread(ServerConfig(api_key="s3cret-key", max_message_bytes=64 * 1024), tiny_engine)

@@ -73,12 +73,12 @@ def notify_all(listeners: Sequence[Callable[[JobFinished], None]]) -> Callable[[
     return notify
 
 
-async def create_app(config: ServerConfig, engine: Engine | None = None) -> App:
+async def create_app(config: ServerConfig, engine: Engine | None = None, metrics: Metrics | None = None) -> App:
     """Load (or take) the engines and start the job layer."""
     if engine is None:
         engine = await load_engine(config)
     limits = config.input_limits()
-    metrics = create_metrics()
+    metrics = metrics or create_metrics()
     store = make_store(config, notify_all([lambda event: observe_job(metrics, event), Webhooks(limits)]))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
     jobs = JobService(store, Worker(store, pipeline, workers=config.workers))
@@ -130,17 +130,32 @@ class RunningServer:
         await self.app.jobs.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         return drained
 
 
 async def start_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
-    """The app and its adapters, serving on config.host:config.port (metrics on config.metrics_port)."""
+    """The app and its adapters, serving on config.host:config.port (metrics on config.metrics_host:
+    config.metrics_port). The metrics port is taken first, so that a port in use fails before the engines
+    load; StartupError says what to change."""
     from .transport.server import GrpcAdapter
 
-    app = await create_app(config, engine)
-    running = RunningServer(app, [GrpcAdapter(app)])
-    if config.metrics_port >= 0:
-        http, _ = serve_metrics(app.metrics, config.host, config.metrics_port)
+    metrics = create_metrics()
+    http = (serve_metrics(metrics, config.metrics_host, config.metrics_port, config.metrics_token)[0]
+            if config.metrics_port >= 0 else None)
+    try:
+        app = await create_app(config, engine, metrics)
+        try:
+            running = RunningServer(app, [GrpcAdapter(app)])
+        except BaseException:
+            await app.jobs.close()
+            raise
+    except BaseException:
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+        raise
+    if http is not None:
         running._metrics_http, running.metrics_port = http, http.server_port
     await running.set_serving(False)
     for adapter in running.adapters:

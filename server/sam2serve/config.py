@@ -10,6 +10,8 @@ from typing import Any
 
 from .limits import InputLimits
 
+SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -17,6 +19,10 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090  # -1 disables the metrics endpoint; 0 picks a free port
+    # The metrics endpoint's address: this host only unless set (a pod's Prometheus needs 0.0.0.0; the chart
+    # sets it), and, when metrics_token is set, only for `Authorization: Bearer <metrics_token>`.
+    metrics_host: str = "127.0.0.1"
+    metrics_token: str = ""
     workers: int = 1  # jobs run at once (each uses every core through ONNX Runtime)
     queue_size: int = 32  # jobs waiting; beyond that RESOURCE_EXHAUSTED
     backend: str = "onnx"  # onnx (ONNX Runtime) or tensorrt (plans built by `sam2serve export trt`)
@@ -44,7 +50,7 @@ class ServerConfig:
                            allow_private_networks=self.allow_private_urls)
 
     def describe(self) -> str:
-        shown = {k: ("***" if k == "api_key" and v else str(v)) for k, v in asdict(self).items()}
+        shown = {k: ("***" if k in SECRETS and v else str(v)) for k, v in asdict(self).items()}
         shown["redis_url"] = without_password(self.redis_url)
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 

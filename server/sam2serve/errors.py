@@ -61,3 +61,8 @@ class QueueUnavailable(Sam2ServeError):
 
 class ShuttingDown(Sam2ServeError):
     """The server is draining and accepts no new work."""
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (a port in use, an unreachable store); the message says what to
+    change. Not a caller's error: it never reaches a protocol."""

@@ -10,11 +10,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..app import App
+from ..errors import StartupError
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
 from .auth import ApiKeyInterceptor
 from .convert import RequestLimits, server_info
 from .servicer import AutoSegmentServicer
+from .wire import UndecodableRequests
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
 
@@ -27,9 +29,12 @@ class GrpcAdapter:
         self.servicer = AutoSegmentServicer(app.jobs, server_info(app), limits, config.max_message_bytes,
                                             app.metrics)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.max_receive_message_length", config.max_message_bytes)]
-        interceptors = ([ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated").inc)]
-                        if config.api_key else [])
+                   ("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]  # a second server on a port in use fails instead of sharing it
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated").inc)]
+            if config.api_key else [])
+        interceptors.append(UndecodableRequests(app.metrics.rejected.labels("invalid_argument").inc))
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_AutoSegmentServiceServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -38,12 +43,16 @@ class GrpcAdapter:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert and config.tls_key:
-            credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
-                                                        Path(config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert and config.tls_key:
+                credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
+                                                            Path(config.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # gRPC's "Failed to bind to address ..."
+            raise StartupError(f"cannot listen on {address} for gRPC (in use, or not an address of this host); "
+                               "choose another with --port / SAM2SERVE_PORT") from None
 
     async def start(self) -> None:
         await self.server.start()

@@ -9,9 +9,9 @@ from dataclasses import replace
 import pytest
 
 from jobfakes import outcome, request, service
-from sam2serve.admission import AdmissionLimits
 from sam2serve.errors import InvalidInput, JobNotFound
 from sam2serve.jobs.memory import MemoryJobStore
+from sam2serve.limits import AdmissionLimits
 
 
 def submitted(req, limits: AdmissionLimits | None = None):
@@ -42,6 +42,19 @@ def test_a_crop_layer_without_points_is_refused_not_divided_by_zero(points, laye
                                           crop_n_points_downscale_factor=scale))
     assert isinstance(error, InvalidInput) and stored == 0
     assert f"crop layer {layer} would have no points" in str(error) and f"points_per_side {points}" in str(error)
+
+
+def test_work_over_the_cap_is_refused_at_submit_with_the_number():
+    """At the parameter maxima (64 points, 3 crop layers, use_m2m) one request held a CPU worker ~20 hours."""
+    error, stored = submitted(with_params(points_per_side=64, crop_n_layers=3, use_m2m=True))
+    assert isinstance(error, InvalidInput) and stored == 0
+    assert "asks for 1,392,640 decoder prompts, over this server's limit of 20,480" in str(error)
+    assert "use_m2m" in str(error)
+    assert submitted(with_params(points_per_side=64, crop_n_layers=1)) == (None, 1)  # 64² × 5 = the cap
+    small = AdmissionLimits(max_decoder_prompts=100)
+    assert submitted(with_params(points_per_side=10), small) == (None, 1)
+    error, stored = submitted(with_params(points_per_side=11), small)
+    assert "asks for 121 decoder prompts, over this server's limit of 100" in str(error) and stored == 0
 
 
 def test_a_grid_that_keeps_a_point_per_layer_is_accepted():

@@ -45,6 +45,7 @@ def test_get_info_flags_untrained_weights(server):
     assert (d.points_per_side, round(d.pred_iou_thresh, 2), round(d.stability_score_thresh, 2),
             d.min_mask_region_area) == (32, 0.88, 0.95, 100)
     assert info.limits.queue_size == 2 and info.limits.max_points_per_side == 64
+    assert info.limits.max_decoder_prompts == 20480 and info.limits.job_time_limit_seconds == 1800
 
 
 def test_auto_segment_returns_pictures_and_metadata(server):
@@ -179,6 +180,7 @@ BAD_INPUTS = [
      "crop layer 1 would have no points"),
     (quick_request(points_per_side=3, crop_n_layers=2, crop_n_points_downscale_factor=2),
      "crop layer 2 would have no points"),
+    (quick_request(points_per_side=64, crop_n_layers=3, use_m2m=True), "asks for 1,392,640 decoder prompts"),
     (quick_request(min_mask_region_area=-1), "min_mask_region_area must be between"),
     (quick_request(max_masks=-2), "max_masks must be 0 or more"),
     (quick_request(image_bytes=b"definitely not an image"), "image_bytes is not a supported image"),

@@ -4,22 +4,27 @@ image size, each refused with a message that names the field and the number."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .amg.grids import layer_points_per_side
+from .amg.grids import decoder_prompts, layer_points_per_side
 from .amg.params import GeneratorParams
 from .domain import SegmentRequest
 from .errors import InvalidInput
-
-
-@dataclass(frozen=True)
-class AdmissionLimits:
-    """Checked at submission, whatever the protocol."""
+from .limits import AdmissionLimits
 
 
 def admit(request: SegmentRequest, limits: AdmissionLimits) -> None:
     """Raise the domain error that refuses `request`, if any; nothing is stored before this passed."""
     _check_grids(request.params)
+    _check_work(request.params, limits.max_decoder_prompts)
+
+
+def _check_work(p: GeneratorParams, cap: int) -> None:
+    prompts = decoder_prompts(p)
+    if prompts > cap:
+        raise InvalidInput(
+            f"the request asks for {prompts:,} decoder prompts, over this server's limit of {cap:,} per request "
+            f"(points per side² × crops over {p.crop_n_layers + 1} layer(s)"
+            + (", × (1 + candidates) with use_m2m" if p.use_m2m else "")
+            + "); lower points_per_side or crop_n_layers" + (", or drop use_m2m" if p.use_m2m else ""))
 
 
 def _check_grids(p: GeneratorParams) -> None:

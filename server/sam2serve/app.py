@@ -81,7 +81,8 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     metrics = metrics or create_metrics()
     store = make_store(config, notify_all([lambda event: observe_job(metrics, event), Webhooks(limits)]))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
-    jobs = JobService(store, Worker(store, pipeline, workers=config.workers))
+    worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds)
+    jobs = JobService(store, worker, config.admission_limits())
     await jobs.start()
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,

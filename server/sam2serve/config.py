@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .limits import InputLimits
+from .limits import DEFAULT_MAX_DECODER_PROMPTS, AdmissionLimits, InputLimits
+
+SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
 
 SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
 
@@ -40,6 +42,10 @@ class ServerConfig:
     tls_key: str = ""
     max_points_per_side: int = 64
     max_crop_n_layers: int = 3
+    # The work one request may ask for (decoder prompts: grid × crops, more with use_m2m), refused at Submit,
+    # and the time one job may run (then FAILED, DEADLINE_EXCEEDED); 0 for no time limit.
+    max_decoder_prompts: int = DEFAULT_MAX_DECODER_PROMPTS
+    job_time_limit_seconds: float = 1800.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     allow_private_urls: bool = False
@@ -48,6 +54,9 @@ class ServerConfig:
     def input_limits(self) -> InputLimits:
         return InputLimits(max_image_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
                            allow_private_networks=self.allow_private_urls)
+
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(max_decoder_prompts=self.max_decoder_prompts)
 
     def describe(self) -> str:
         shown = {k: ("***" if k in SECRETS and v else str(v)) for k, v in asdict(self).items()}

@@ -47,6 +47,10 @@ class JobFailed(Sam2ServeError):
     """The job ran and failed; the message says why."""
 
 
+class JobTimedOut(Sam2ServeError):
+    """The job ran past the server's time limit per job and was stopped."""
+
+
 class ResultTooLarge(Sam2ServeError):
     """The response would exceed the message size limit; ask for fewer or smaller outputs."""
 

@@ -16,6 +16,7 @@ STATUS_OF: dict[type[errors.Sam2ServeError], grpc.StatusCode] = {
     errors.JobNotFinished: grpc.StatusCode.FAILED_PRECONDITION,
     errors.JobCancelled: grpc.StatusCode.CANCELLED,
     errors.JobFailed: grpc.StatusCode.INTERNAL,
+    errors.JobTimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.QueueUnavailable: grpc.StatusCode.UNAVAILABLE,

@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from ..admission import AdmissionLimits, admit
+from ..admission import admit
 from ..domain import SegmentRequest
+from ..limits import AdmissionLimits
 from .model import CancelOutcome, JobResult, JobSnapshot, is_issued_id, not_found, shutting_down
 from .store import JobStore
 from .worker import Worker

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
 from ..domain import Cancelled, JobControl, SegmentOutcome, SegmentRequest
-from ..errors import QueueUnavailable, Sam2ServeError
+from ..errors import JobTimedOut, QueueUnavailable, Sam2ServeError
 from .model import JobState
 from .store import Claim, JobStore
 
@@ -33,12 +35,18 @@ class Runner(Protocol[Fetched]):
 
 class _ClaimControl:
     """The `JobControl` of one claimed run: stop when the store says the claim lost its job (or it was
-    cancelled) or the worker is closing; progress and logs only through the claim."""
+    cancelled), the worker is closing, or the run passed its time limit; progress and logs only through the
+    claim."""
 
-    def __init__(self, store: JobStore, claim: Claim, closing: threading.Event) -> None:
+    def __init__(self, store: JobStore, claim: Claim, closing: threading.Event, time_limit_s: float) -> None:
         self._store, self._claim, self._closing = store, claim, closing
+        self._deadline = time.monotonic() + time_limit_s if time_limit_s > 0 else math.inf
+        self.timed_out = False
 
     def should_stop(self) -> bool:
+        if time.monotonic() > self._deadline:
+            self.timed_out = True
+            return True
         return self._closing.is_set() or self._store.stop_requested(self._claim)
 
     def progress(self, done: int, total: int) -> None:
@@ -51,8 +59,9 @@ class _ClaimControl:
 
 
 class Worker:
-    def __init__(self, store: JobStore, runner: Runner[Any], workers: int = 1) -> None:
+    def __init__(self, store: JobStore, runner: Runner[Any], workers: int = 1, time_limit_s: float = 0.0) -> None:
         self._store, self._runner, self._workers = store, runner, workers
+        self._time_limit_s = time_limit_s  # per run of a job; 0: none
         # workers=0: a replica that accepts and answers but runs nothing (the others do)
         self._executor = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="sam2serve-job")
         self._draining = False
@@ -112,7 +121,7 @@ class Worker:
                 log.exception("job queue: worker error; continuing")
 
     async def _run(self, claim: Claim) -> None:
-        control = _ClaimControl(self._store, claim, self._closing)
+        control = _ClaimControl(self._store, claim, self._closing, self._time_limit_s)
         loop = asyncio.get_running_loop()
         outcome: SegmentOutcome | None = None
         error: BaseException | None = None
@@ -124,7 +133,12 @@ class Worker:
         except Cancelled:
             if self._closing.is_set():  # a closing worker leaves the job held (a shared store hands it back)
                 return
-            state = JobState.CANCELLED  # cancelled, or taken over (then the store refuses the finish)
+            if control.timed_out:
+                state, error = JobState.FAILED, JobTimedOut(
+                    f"the job ran past this server's time limit of {self._time_limit_s:g} s per job and was "
+                    "stopped; ask for less work (points_per_side, crop_n_layers, use_m2m)")
+            else:
+                state = JobState.CANCELLED  # cancelled, or taken over (then the store refuses the finish)
         except QueueUnavailable:
             raise  # the store is unreachable: the job stays held until the store hands it back
         except Sam2ServeError as e:

@@ -98,7 +98,9 @@ def server_info(app: App) -> pb.ServerInfo:
     limits = pb.Limits(max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels,
                        max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers,
                        queue_size=config.queue_size, workers=config.workers,
-                       max_message_bytes=config.max_message_bytes, result_ttl_seconds=config.result_ttl_seconds)
+                       max_message_bytes=config.max_message_bytes, result_ttl_seconds=config.result_ttl_seconds,
+                       max_decoder_prompts=config.max_decoder_prompts,
+                       job_time_limit_seconds=config.job_time_limit_seconds)
     return pb.ServerInfo(version=__version__, model=model, limits=limits, defaults=generator_defaults(fal_defaults()),
                          warning="" if engine.trained else UNTRAINED_WARNING)
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from jobfakes import outcome, request, service
-from sam2serve.errors import InvalidInput, JobNotFound
+from sam2serve.errors import ImageFetchError, ImageTooLarge, InvalidInput, JobNotFound
 from sam2serve.jobs.memory import MemoryJobStore
 from sam2serve.limits import AdmissionLimits
 
@@ -87,3 +87,17 @@ def test_ids_this_server_never_issues_are_not_found_without_a_lookup_and_never_e
             await jobs.status("x" * 100_000)
 
     asyncio.run(main())
+
+
+def test_an_image_over_the_cap_is_refused_before_it_is_queued():
+    """16 × 60 MiB image_bytes were accepted and held by the queue (+765 MiB RSS) until each job failed."""
+    cap = AdmissionLimits(max_image_bytes=1000)
+    for kind, value, message in (
+            ("bytes", b"x" * 1001, "image_bytes is 1001 bytes, over the limit of 1000 bytes"),
+            ("data_uri", "data:image/png;base64," + "A" * 1340, "image_data_uri holds about 1005 bytes"),
+            ("url", "https://example.com/" + "a" * 9000, "image_url is longer than 8192 characters")):
+        error, stored = submitted(replace(request(), image_kind=kind, image_value=value), cap)
+        assert isinstance(error, ImageTooLarge | ImageFetchError) and message in str(error) and stored == 0
+    for kind, value in (("bytes", b"x" * 1000), ("data_uri", "data:image/png;base64," + "A" * 1332)):
+        assert submitted(replace(request(), image_kind=kind, image_value=value), cap) == (None, 1)
+

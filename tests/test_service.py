@@ -125,6 +125,20 @@ def test_cancel_in_queue_and_in_progress_and_queue_full(server):
     _assert_serving(server)
 
 
+def test_images_over_the_cap_are_refused_at_submit_or_not_received(server):
+    """16 × 60 MiB image_bytes used to be accepted and held by the queue until each job failed; now an image
+    over the cap (20 MiB) is INVALID_ARGUMENT at Submit, and a message larger than the cap allows in any form
+    is not received (RESOURCE_EXHAUSTED from gRPC)."""
+    with pytest.raises(grpc.RpcError) as over:
+        server.stub.Submit(quick_request(image_bytes=b"\x89PNG" * (21 << 18)), timeout=30)
+    assert over.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image_bytes is 21 MiB, over the limit of 20 MiB" in over.value.details()
+    with pytest.raises(grpc.RpcError) as huge:
+        server.stub.Submit(quick_request(image_bytes=b"\x89PNG" * (30 << 18)), timeout=30)
+    assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, huge.value.details()
+    _assert_serving(server)
+
+
 def test_deadline_cancels_the_work(server):
     with pytest.raises(grpc.RpcError) as late:
         server.stub.AutoSegment(slow_request(), timeout=4)

@@ -8,11 +8,13 @@ from .amg.grids import decoder_prompts, layer_points_per_side
 from .amg.params import GeneratorParams
 from .domain import SegmentRequest
 from .errors import InvalidInput
+from .inputs import check_encoded_size
 from .limits import AdmissionLimits
 
 
 def admit(request: SegmentRequest, limits: AdmissionLimits) -> None:
     """Raise the domain error that refuses `request`, if any; nothing is stored before this passed."""
+    check_encoded_size(request.image_kind, request.image_value, limits.max_image_bytes)
     _check_grids(request.params)
     _check_work(request.params, limits.max_decoder_prompts)
 

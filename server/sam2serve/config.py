@@ -56,7 +56,7 @@ class ServerConfig:
                            allow_private_networks=self.allow_private_urls)
 
     def admission_limits(self) -> AdmissionLimits:
-        return AdmissionLimits(max_decoder_prompts=self.max_decoder_prompts)
+        return AdmissionLimits(max_decoder_prompts=self.max_decoder_prompts, max_image_bytes=self.max_image_bytes)
 
     def describe(self) -> str:
         shown = {k: ("***" if k in SECRETS and v else str(v)) for k, v in asdict(self).items()}

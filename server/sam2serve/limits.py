@@ -54,9 +54,12 @@ class AdmissionLimits:
     - ``max_decoder_prompts``: the work one request may ask for, as `decoder_prompts` counts it (grid × crops,
       × (1 + candidates per prompt) with use_m2m). Within the parameter ranges a request could otherwise ask
       for 1.4 million prompts: about 20 hours of one CPU worker.
+    - ``max_image_bytes``: the image cap (`InputLimits.max_image_bytes`), judged from the request's value
+      before the request is queued, so that a queue of too-large images is never held.
     """
 
     max_decoder_prompts: int = DEFAULT_MAX_DECODER_PROMPTS
+    max_image_bytes: int = 20 * MiB
 
 
 def describe_bytes(n: int) -> str:

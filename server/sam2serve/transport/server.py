@@ -19,6 +19,14 @@ from .servicer import AutoSegmentServicer
 from .wire import UndecodableRequests
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
+REQUEST_SLACK_BYTES = 64 * 1024  # a request's fields besides its image, and a data URI's header
+
+
+def receive_limit(max_message_bytes: int, max_image_bytes: int) -> int:
+    """The largest request gRPC receives: one carrying the largest image we accept, in its largest form (a
+    base64 data URI), never more than the message limit. Larger ones are refused by gRPC (RESOURCE_EXHAUSTED)
+    before they are parsed, so a 60 MiB message to a server with a 20 MiB image cap is never held as one."""
+    return min(max_message_bytes, -(-max_image_bytes // 3) * 4 + REQUEST_SLACK_BYTES)
 
 
 class GrpcAdapter:
@@ -29,7 +37,8 @@ class GrpcAdapter:
         self.servicer = AutoSegmentServicer(app.jobs, server_info(app), limits, config.max_message_bytes,
                                             app.metrics)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.max_receive_message_length", config.max_message_bytes),
+                   ("grpc.max_receive_message_length", receive_limit(config.max_message_bytes,
+                                                                     config.max_image_bytes)),
                    ("grpc.so_reuseport", 0)]  # a second server on a port in use fails instead of sharing it
         interceptors: list[grpc.aio.ServerInterceptor] = (
             [ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated").inc)]

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from jobfakes import outcome, request, service
-from sam2serve.errors import ImageFetchError, ImageTooLarge, InvalidInput, JobNotFound
+from sam2serve.errors import ImageFetchError, ImageTooLarge, InvalidInput, JobNotFound, Overloaded
 from sam2serve.jobs.memory import MemoryJobStore
 from sam2serve.limits import AdmissionLimits
 
@@ -101,3 +101,23 @@ def test_an_image_over_the_cap_is_refused_before_it_is_queued():
     for kind, value in (("bytes", b"x" * 1000), ("data_uri", "data:image/png;base64," + "A" * 1332)):
         assert submitted(replace(request(), image_kind=kind, image_value=value), cap) == (None, 1)
 
+
+def test_status_streams_are_bounded():
+    async def main():
+        jobs = service(MemoryJobStore(), lambda r, c: outcome())
+        jobs.max_streams = 2
+        job = await jobs.submit(request())
+        open_ = [jobs.watch(job.id) for _ in range(2)]
+        for stream in open_:
+            assert (await anext(stream)).id == job.id
+        third = jobs.watch(job.id)
+        with pytest.raises(Overloaded, match="2 status streams are open on this server"):
+            await anext(third)
+        await open_[0].aclose()
+        fourth = jobs.watch(job.id)
+        assert (await anext(fourth)).id == job.id and jobs.streams == 2
+        for stream in (open_[1], fourth):
+            await stream.aclose()
+        assert jobs.streams == 0
+
+    asyncio.run(main())

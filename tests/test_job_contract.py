@@ -135,6 +135,23 @@ def test_the_queue_bound(make_store):
     scenario(make_store, body, queue_size=2)
 
 
+def test_the_byte_budget_of_waiting_images(make_store):
+    """What waiting jobs hold of their images is bounded (in Redis: all replicas together), so a full queue
+    of large images cannot exhaust memory; the job that runs no longer counts."""
+
+    async def body(store: JobStore, events: list[JobFinished]) -> None:
+        await store.add(request())  # b"image": 5 bytes
+        await store.add(request())
+        with pytest.raises(QueueFull, match=r"the queue holds 10 bytes of images and this request's 5 bytes "
+                                            r"would pass its budget of 12 bytes"):
+            await store.add(request())
+        assert status_for(QueueFull("x"))[0].name == "RESOURCE_EXHAUSTED"
+        await store.claim(1.0)
+        await store.add(request())  # room again
+
+    scenario(make_store, body, queue_bytes=12)
+
+
 def test_cancel_in_the_queue_and_in_progress(make_store):
     async def body(store: JobStore, events: list[JobFinished]) -> None:
         running, queued, behind = [await store.add(request()) for _ in range(3)]

@@ -55,9 +55,11 @@ def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None])
         from .jobs.redis import RedisJobStore
 
         return RedisJobStore(config.redis_url, queue_size=config.queue_size, result_ttl_s=config.result_ttl_seconds,
-                             prefix=config.redis_prefix, on_finished=on_finished)
+                             prefix=config.redis_prefix, on_finished=on_finished,
+                             queue_bytes=config.queue_image_bytes)
     return MemoryJobStore(queue_size=config.queue_size, result_ttl_s=config.result_ttl_seconds,
-                          result_store_bytes=config.result_store_bytes, on_finished=on_finished)
+                          result_store_bytes=config.result_store_bytes, on_finished=on_finished,
+                          queue_bytes=config.queue_image_bytes)
 
 
 def notify_all(listeners: Sequence[Callable[[JobFinished], None]]) -> Callable[[JobFinished], None]:
@@ -82,7 +84,7 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     store = make_store(config, notify_all([lambda event: observe_job(metrics, event), Webhooks(limits)]))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
     worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds)
-    jobs = JobService(store, worker, config.admission_limits())
+    jobs = JobService(store, worker, config.admission_limits(), max_streams=config.max_status_streams)
     await jobs.start()
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,

@@ -27,11 +27,14 @@ class ServerConfig:
     metrics_token: str = ""
     workers: int = 1  # jobs run at once (each uses every core through ONNX Runtime)
     queue_size: int = 32  # jobs waiting; beyond that RESOURCE_EXHAUSTED
+    queue_image_bytes: int = 256 * 1024 * 1024  # images held by waiting jobs (all replicas, with Redis); 0: none
     backend: str = "onnx"  # onnx (ONNX Runtime) or tensorrt (plans built by `sam2serve export trt`)
     providers: str = ""  # comma-separated onnxruntime providers; empty: best available
     threads: int = 0  # onnxruntime intra-op threads; 0: all cores
     max_decoder_batch: int = 8  # prompts per decoder run; ≈ 80 MB each in ORT on CPU
     max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_rpcs: int = 8192  # calls in progress at once (gRPC); beyond that RESOURCE_EXHAUSTED
+    max_status_streams: int = 4096  # WatchStatus / Subscribe streams open at once; beyond that RESOURCE_EXHAUSTED
     result_ttl_seconds: float = 600.0
     result_store_bytes: int = 512 * 1024 * 1024  # in-process queue only; Redis has its own maxmemory
     redis_url: str = ""  # redis://[:password@]host:port/db: a queue shared by every replica; empty: in-process

@@ -27,7 +27,12 @@ class ImageFetchError(InvalidInput):
     """image_url could not be fetched: blocked address, bad scheme, HTTP error, timeout, too big."""
 
 
-class QueueFull(Sam2ServeError):
+class Overloaded(Sam2ServeError):
+    """Backpressure: the server is at one of its capacity bounds (queue, image budget, open streams); retry
+    later."""
+
+
+class QueueFull(Overloaded):
     """Backpressure: the queue is at capacity; retry later."""
 
 

@@ -11,6 +11,7 @@ STATUS_OF: dict[type[errors.Sam2ServeError], grpc.StatusCode] = {
     errors.ImageTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ImageFetchError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ResultTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.JobNotFound: grpc.StatusCode.NOT_FOUND,
     errors.JobNotFinished: grpc.StatusCode.FAILED_PRECONDITION,

@@ -20,8 +20,10 @@ from .model import (
     JobState,
     check_transition,
     error_from,
+    image_size,
     new_id,
     not_found,
+    queue_bytes_full,
     queue_full,
     raise_unless_completed,
     stored_error,
@@ -51,8 +53,10 @@ class MemoryJobStore:
     shared = False
 
     def __init__(self, queue_size: int = 32, result_ttl_s: float = 600.0,
-                 result_store_bytes: int = 512 * 1024 * 1024, on_finished: FinishedListener | None = None) -> None:
+                 result_store_bytes: int = 512 * 1024 * 1024, on_finished: FinishedListener | None = None,
+                 queue_bytes: int = 0) -> None:
         self._queue_size, self._ttl, self._store_bytes = queue_size, result_ttl_s, result_store_bytes
+        self._queue_bytes = queue_bytes  # images held by waiting jobs; 0: no budget
         self._on_finished = on_finished
         self._jobs: dict[str, _Job] = {}
         self._pending: collections.deque[_Job] = collections.deque()
@@ -70,6 +74,10 @@ class MemoryJobStore:
     async def add(self, request: SegmentRequest) -> JobSnapshot:
         if len(self._pending) >= self._queue_size:
             raise queue_full(self._queue_size)
+        if self._queue_bytes:
+            held, size = sum(image_size(j.request) for j in self._pending), image_size(request)
+            if held + size > self._queue_bytes:
+                raise queue_bytes_full(held, size, self._queue_bytes)
         job = _Job(id=new_id(), request=request)
         self._jobs[job.id] = job
         self._pending.append(job)

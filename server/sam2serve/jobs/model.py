@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .. import errors
 from ..domain import SegmentOutcome, SegmentRequest
+from ..limits import describe_bytes
 
 
 class JobState(enum.Enum):
@@ -142,6 +143,16 @@ def result_expired(job_id: str) -> errors.JobNotFound:
 
 def queue_full(queue_size: int) -> errors.QueueFull:
     return errors.QueueFull(f"the queue is full ({queue_size} requests waiting); retry later")
+
+
+def queue_bytes_full(held: int, size: int, budget: int) -> errors.QueueFull:
+    return errors.QueueFull(f"the queue holds {describe_bytes(held)} of images and this request's "
+                            f"{describe_bytes(size)} would pass its budget of {describe_bytes(budget)}; retry later")
+
+
+def image_size(request: SegmentRequest) -> int:
+    """What a queued request holds of its image: the bytes or data URI as sent (a URL: its length)."""
+    return len(request.image_value)
 
 
 def shutting_down() -> errors.ShuttingDown:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from ..admission import admit
 from ..domain import SegmentRequest
+from ..errors import Overloaded
 from ..limits import AdmissionLimits
 from .model import CancelOutcome, JobResult, JobSnapshot, is_issued_id, not_found, shutting_down
 from .store import JobStore
@@ -16,9 +17,12 @@ from .worker import Worker
 
 
 class JobService:
-    def __init__(self, store: JobStore, worker: Worker, limits: AdmissionLimits | None = None) -> None:
+    def __init__(self, store: JobStore, worker: Worker, limits: AdmissionLimits | None = None,
+                 max_streams: int = 0) -> None:
         self.store, self.worker = store, worker
         self.limits = limits or AdmissionLimits()
+        self.max_streams = max_streams  # status streams open at once (watch); 0: no bound
+        self.streams = 0
         self._accepting = True
         self._stopping = False  # calls cut from here on leave their jobs to the replicas that run them
         self._waiting_calls = 0
@@ -44,8 +48,21 @@ class JobService:
         return await self.store.snapshot(_issued(job_id))
 
     def watch(self, job_id: str) -> AsyncIterator[JobSnapshot]:
-        """The current state, then every change, ending with a terminal state."""
-        return self.store.changes(_issued(job_id))
+        """The current state, then every change, ending with a terminal state; `Overloaded` (on the first
+        step) when max_streams are open already."""
+        return self._stream(self.store.changes(_issued(job_id)))
+
+    async def _stream(self, changes: AsyncGenerator[JobSnapshot, None]) -> AsyncGenerator[JobSnapshot, None]:
+        async with contextlib.aclosing(changes):
+            if self.max_streams and self.streams >= self.max_streams:
+                raise Overloaded(f"{self.max_streams} status streams are open on this server, its bound; "
+                                 "retry later or poll GetStatus")
+            self.streams += 1
+            try:
+                async for snapshot in changes:
+                    yield snapshot
+            finally:
+                self.streams -= 1
 
     async def wait(self, job_id: str) -> JobSnapshot:
         async with contextlib.aclosing(self.store.changes(job_id)) as snapshots:

@@ -44,7 +44,8 @@ class GrpcAdapter:
             [ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated").inc)]
             if config.api_key else [])
         interceptors.append(UndecodableRequests(app.metrics.rejected.labels("invalid_argument").inc))
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        self.server = grpc.aio.server(options=options, interceptors=interceptors,
+                                      maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         pb_grpc.add_AutoSegmentServiceServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

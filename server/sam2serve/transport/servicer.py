@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from ..errors import InvalidInput, QueueFull, ResultTooLarge, ShuttingDown
+from ..errors import InvalidInput, Overloaded, QueueFull, ResultTooLarge, ShuttingDown
 from ..grpc_status import status_for
 from ..jobs import CancelOutcome, JobResult, JobService
 from ..metrics import Metrics
@@ -27,7 +27,7 @@ _CANCEL = {CancelOutcome.CANCELLED_IN_QUEUE: pb.CancelResponse.CANCELLED_IN_QUEU
            CancelOutcome.CANCELLING_IN_PROGRESS: pb.CancelResponse.CANCELLING_IN_PROGRESS,
            CancelOutcome.ALREADY_CANCELLED: pb.CancelResponse.ALREADY_CANCELLED,
            CancelOutcome.ALREADY_FINISHED: pb.CancelResponse.ALREADY_FINISHED}
-_REJECTION_REASONS = ((QueueFull, "queue_full"), (ShuttingDown, "shutting_down"),
+_REJECTION_REASONS = ((QueueFull, "queue_full"), (Overloaded, "overloaded"), (ShuttingDown, "shutting_down"),
                       (ResultTooLarge, "result_too_large"), (InvalidInput, "invalid_argument"))
 
 

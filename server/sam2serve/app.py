@@ -83,7 +83,8 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     metrics = metrics or create_metrics()
     store = make_store(config, notify_all([lambda event: observe_job(metrics, event), Webhooks(limits)]))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
-    worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds)
+    worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds,
+                    fetchers=config.url_fetchers)
     jobs = JobService(store, worker, config.admission_limits(), max_streams=config.max_status_streams)
     await jobs.start()
     info = engine.info

@@ -26,6 +26,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_token: str = ""
     workers: int = 1  # jobs run at once (each uses every core through ONNX Runtime)
+    url_fetchers: int = 4  # image_url downloads at once, apart from the workers; 0: a worker fetches its own
     queue_size: int = 32  # jobs waiting; beyond that RESOURCE_EXHAUSTED
     queue_image_bytes: int = 256 * 1024 * 1024  # images held by waiting jobs (all replicas, with Redis); 0: none
     backend: str = "onnx"  # onnx (ONNX Runtime) or tensorrt (plans built by `sam2serve export trt`)

@@ -41,6 +41,7 @@ class ServerConfig:
     redis_url: str = ""  # redis://[:password@]host:port/db: a queue shared by every replica; empty: in-process
     redis_prefix: str = "sam2serve:"  # key prefix, so that several deployments can share one Redis
     drain_seconds: float = 30.0
+    drain_results_seconds: float = 10.0  # in-process queue: after the drain's last job, results stay fetchable
     api_key: str = ""  # empty: no authentication
     tls_cert: str = ""
     tls_key: str = ""

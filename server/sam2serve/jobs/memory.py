@@ -123,6 +123,9 @@ class MemoryJobStore:
     def waiting(self) -> float:
         return len(self._pending)
 
+    def unfinished_here(self) -> list[str]:
+        return [job.id for job in self._jobs.values() if not job.state.terminal]
+
     # -- workers -----------------------------------------------------------------------------------------------
     async def claim(self, timeout_s: float) -> Claim | None:
         try:

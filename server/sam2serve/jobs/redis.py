@@ -367,6 +367,9 @@ class RedisJobStore:
             log.warning("job queue: Redis unreachable for a metrics scrape; repeating the last queue depth")
         return self._last_share
 
+    def unfinished_here(self) -> list[str]:
+        return []  # every replica answers for every job
+
     # -- workers -----------------------------------------------------------------------------------------------
     @_redis_errors_unavailable
     async def claim(self, timeout_s: float) -> Claim | None:

@@ -1,0 +1,74 @@
+"""Draining the in-process queue: results stay fetchable after the last job ends (until fetched, within the
+drain budget), and a drain that runs out of time cancels what is left so that clients see CANCELLED."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from jobfakes import outcome, request, service
+from sam2serve.domain import Cancelled, JobControl, SegmentRequest
+from sam2serve.errors import JobCancelled
+from sam2serve.jobs.memory import MemoryJobStore
+from sam2serve.jobs.model import JobState
+
+
+def test_results_stay_fetchable_after_the_drain_until_fetched():
+    """Before, the drain ended as soon as the last job did and the process exited: a client that had seen
+    COMPLETED got UNAVAILABLE from GetResult."""
+
+    async def main() -> None:
+        jobs = service(MemoryJobStore(), lambda r, c: outcome())
+        await jobs.start()
+        first, second = await jobs.submit(request()), await jobs.submit(request())
+        drain = asyncio.create_task(jobs.drain(30, results_grace_s=20))
+        for job in (first, second):
+            assert (await jobs.wait(job.id)).state is JobState.COMPLETED
+        assert (await jobs.result(first.id)).id == first.id
+        done, _ = await asyncio.wait({drain}, timeout=0.3)
+        assert not done  # the second result has not been fetched: still answering
+        assert (await jobs.result(second.id)).id == second.id
+        assert await asyncio.wait_for(drain, 5)  # every result fetched: the drain ends, long before its 20 s
+        await jobs.close()
+
+    asyncio.run(main())
+
+
+def test_the_results_grace_ends_with_the_drain_budget():
+    async def main() -> None:
+        jobs = service(MemoryJobStore(), lambda r, c: outcome())
+        await jobs.start()
+        job = await jobs.submit(request())
+        assert await asyncio.wait_for(jobs.drain(0.5, results_grace_s=60), 5)  # never fetched: 0.5 s, not 60
+        assert (await jobs.status(job.id)).state is JobState.COMPLETED
+        await jobs.close()
+
+    asyncio.run(main())
+
+
+def test_an_expiring_drain_cancels_running_and_queued_jobs():
+    """Before, the jobs left when the drain period ended were dropped with the process (exit code 1):
+    their clients saw the server vanish. Now each ends CANCELLED before the server stops."""
+    started, never = threading.Event(), threading.Event()
+
+    def until_stopped(req: SegmentRequest, control: JobControl):
+        started.set()
+        while not control.should_stop():
+            never.wait(0.01)  # a decoder batch
+        raise Cancelled()
+
+    async def main() -> None:
+        jobs = service(MemoryJobStore(), until_stopped)
+        await jobs.start()
+        running, queued = await jobs.submit(request()), await jobs.submit(request())
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+        assert not await jobs.drain(0.3, results_grace_s=10)
+        for job in (running, queued):
+            assert (await jobs.status(job.id)).state is JobState.CANCELLED
+            with pytest.raises(JobCancelled, match="was cancelled"):
+                await jobs.result(job.id)
+        await jobs.close()
+
+    asyncio.run(main())

@@ -1,11 +1,15 @@
 # syntax=docker/dockerfile:1
-# sam2serve container images. Not built in this project's CI (there is no Docker engine there), so it is
-# kept deliberately simple; helm/sam2serve is written against it (uid 10001, ports, entrypoint, /engines).
+# sam2serve container images. CI builds the server target with podman and runs it as the Helm chart does
+# (.ci/image, tests/test_container.py); helm/sam2serve is written against it (uid 10001, ports, entrypoint,
+# SAM2SERVE_* environment, engines read-only under /engines).
 #
 #   docker build -t sam2serve:0.1.0 .                                  # the server, CPU (default target)
 #   docker build --target export -t sam2serve-export:0.1.0 .           # the chart's init container image
 #   docker run --rm -p 50051:50051 -p 9090:9090 --read-only --tmpfs /tmp \
 #     -v "$PWD/engines/sam2.1_hiera_tiny:/engines/sam2.1_hiera_tiny:ro" sam2serve:0.1.0
+#
+# Without a registry (as in CI), `bash .ci/image` makes a Debian bookworm base with mmdebstrap and passes it
+# as --build-arg PYTHON_IMAGE=...; any image with python3.11 (and `python`, venv) on PATH will do.
 #
 # CUDA / TensorRT variant: the same python:3.11-slim base. The CUDA runtime, cuDNN and TensorRT come as
 # pip wheels (onnxruntime-gpu[cuda,cudnn], tensorrt); the driver comes from the node through the NVIDIA
@@ -21,11 +25,19 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# setup.py generates the gRPC stubs (sam2serve/v1, never committed, excluded by .dockerignore) from protos/
+# while the wheel is built: without it the wheel ships no stubs and the server dies at import.
+COPY pyproject.toml setup.py README.md ./
 COPY protos ./protos
 COPY server ./server
 COPY export ./export
-RUN pip wheel --no-deps --wheel-dir /wheels .
+# A venv, not the base's own pip: Debian's python3 has none, and python:3.11-slim's is the system's.
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
+    && /opt/build/bin/python -c "import glob, sys, zipfile; \
+names = set(zipfile.ZipFile(glob.glob('/wheels/sam2serve-*.whl')[0]).namelist()); \
+missing = {f'sam2serve/v1/{m}' for m in ('__init__.py', 'sam2serve_pb2.py', 'sam2serve_pb2_grpc.py')} - names; \
+sys.exit(f'the wheel lacks the gRPC stubs {sorted(missing)}' if missing else 0)"
 
 # ---- export: torch (CPU), Meta's sam2 pinned by hash, `sam2serve export` (the chart's init containers) ------
 FROM ${PYTHON_IMAGE} AS export
@@ -43,7 +55,8 @@ COPY export/requirements-sam2.txt /tmp/requirements-sam2.txt
 RUN SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation --require-hashes -r /tmp/requirements-sam2.txt \
     && rm /tmp/requirements-sam2.txt
 COPY --from=build /wheels /wheels
-RUN pip install "$(ls /wheels/sam2serve-*.whl)[${EXPORT_EXTRAS}]" && rm -rf /wheels
+RUN pip install "$(ls /wheels/sam2serve-*.whl)[${EXPORT_EXTRAS}]" && rm -rf /wheels \
+    && python -c "import sam2serve.v1.sam2serve_pb2_grpc, sam2serve_export.cli"
 RUN groupadd --system --gid 10001 sam2serve \
     && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sam2serve
 WORKDIR /tmp
@@ -70,7 +83,8 @@ RUN set -eu; \
       pip install "onnxruntime-gpu[cuda,cudnn]==${ort}" ;; \
     esac; \
     rm -rf /wheels; \
-    python -c "import importlib.util, sys; sys.exit('torch in the server image' if importlib.util.find_spec('torch') else 0)"
+    python -c "import importlib.util, sys; sys.exit('torch in the server image' if importlib.util.find_spec('torch') else 0)"; \
+    python -c "import sam2serve.v1.sam2serve_pb2_grpc, sam2serve.transport.server"
 RUN groupadd --system --gid 10001 sam2serve \
     && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sam2serve
 # The chart mounts the engines (read-only) at /engines and sets SAM2SERVE_ENGINES=/engines/<model>.

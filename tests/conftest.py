@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,10 @@ def tiny_engine(tiny_engine_dir):
     from sam2serve.engines.onnx_engine import OnnxEngine
 
     return OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"])
+
+
+def missing_tool(reason: str) -> None:
+    """A tool CI installs is absent: fail in CI (`CI=true`), where it must be there; skip elsewhere."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: CI installs it, so its absence is an error)", pytrace=False)
+    pytest.skip(reason)

@@ -31,10 +31,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY protos ./protos
 COPY server ./server
 COPY export ./export
-# A venv, not the base's own pip: Debian's python3 has none, and python:3.11-slim's is the system's.
-RUN python -m venv /opt/build \
-    && /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels . \
-    && /opt/build/bin/python -c "import glob, sys, zipfile; \
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+    && python -c "import glob, sys, zipfile; \
 names = set(zipfile.ZipFile(glob.glob('/wheels/sam2serve-*.whl')[0]).namelist()); \
 missing = {f'sam2serve/v1/{m}' for m in ('__init__.py', 'sam2serve_pb2.py', 'sam2serve_pb2_grpc.py')} - names; \
 sys.exit(f'the wheel lacks the gRPC stubs {sorted(missing)}' if missing else 0)"
@@ -45,12 +43,14 @@ FROM ${PYTHON_IMAGE} AS export
 ARG EXPORT_EXTRAS=export
 # The ONNX export runs on CPU: CPU torch wheels (a fraction of the CUDA ones' size).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# More pip options for torch and its dependencies, e.g. a local mirror (see README, "Container images").
+ARG TORCH_PIP_OPTIONS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH HOME=/tmp
 RUN python -m venv /opt/venv && pip install --upgrade pip setuptools wheel
 # As .ci/setup: torch first (sam2's build imports it), then Meta's code by hash (the PyPI `sam2` is a
 # third-party republication; see export/requirements-sam2.txt), then sam2serve with its export extra.
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
+RUN pip install --index-url "${TORCH_INDEX_URL}" ${TORCH_PIP_OPTIONS} torch==2.14.1 torchvision==0.29.1
 COPY export/requirements-sam2.txt /tmp/requirements-sam2.txt
 RUN SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation --require-hashes -r /tmp/requirements-sam2.txt \
     && rm /tmp/requirements-sam2.txt
@@ -70,11 +70,15 @@ FROM ${PYTHON_IMAGE} AS server
 ARG SERVER_EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH HOME=/tmp
-RUN python -m venv /opt/venv && pip install --upgrade pip
+RUN groupadd --system --gid 10001 sam2serve \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sam2serve
 COPY --from=build /wheels /wheels
+# The venv gets no pip of its own (the server has no use for one): the base's pip installs into it.
 # With the gpu extra: onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, so only the GPU
 # build is kept, with the CUDA 12 runtime and cuDNN 9 from NVIDIA's wheels (its `cuda,cudnn` extras).
 RUN set -eu; \
+    python -m venv --without-pip /opt/venv; \
+    pip() { command pip --python /opt/venv/bin/python "$@"; }; \
     wheel="$(ls /wheels/sam2serve-*.whl)"; \
     if [ -n "${SERVER_EXTRAS}" ]; then pip install "${wheel}[${SERVER_EXTRAS}]"; else pip install "${wheel}"; fi; \
     case ",${SERVER_EXTRAS}," in *,gpu,*) \
@@ -85,8 +89,6 @@ RUN set -eu; \
     rm -rf /wheels; \
     python -c "import importlib.util, sys; sys.exit('torch in the server image' if importlib.util.find_spec('torch') else 0)"; \
     python -c "import sam2serve.v1.sam2serve_pb2_grpc, sam2serve.transport.server"
-RUN groupadd --system --gid 10001 sam2serve \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sam2serve
 # The chart mounts the engines (read-only) at /engines and sets SAM2SERVE_ENGINES=/engines/<model>.
 ENV SAM2SERVE_ENGINES=/engines/sam2.1_hiera_tiny SAM2SERVE_PORT=50051 SAM2SERVE_METRICS_PORT=9090
 WORKDIR /tmp

@@ -77,7 +77,9 @@ def render_server(values: dict | None = None) -> dict:
                if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d}
     pod = objects[("Deployment", "demo-sam2serve")]["spec"]["template"]["spec"]
     [server] = [c for c in pod["containers"] if c["name"] == "sam2serve"]
-    return {"pod": pod, "container": server, "env": objects[("ConfigMap", "demo-sam2serve")]["data"]}
+    scripts = objects.get(("ConfigMap", "demo-sam2serve-scripts"), {}).get("data", {})
+    return {"pod": pod, "container": server, "env": objects[("ConfigMap", "demo-sam2serve")]["data"],
+            "scripts": scripts}
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,7 @@ def podman_run_options(pod: dict, container: dict, env: dict[str, str], volumes:
         environment[entry["name"]] = entry["value"]
     for name, value in sorted(environment.items()):
         options += ["-e", f"{name}={value}"]
-    for port in container["ports"]:
+    for port in container.get("ports", []):
         options += ["-p", f"127.0.0.1::{port['containerPort']}"]
     options += ["--entrypoint", json.dumps(container["command"])]
     return options
@@ -330,4 +332,40 @@ def test_runs_as_the_readme_says(image, engine_volume):
         assert process_ids(name)["Uid"] == ["10001"] * 4
         podman("kill", "--signal", "TERM", name)
         assert podman("wait", name, timeout=120).stdout.strip() == "0"
+        channel.close()
+
+
+@pytest.mark.skipif(not os.environ.get("SAM2SERVE_EXPORT_IMAGE"), reason=(
+    "opt-in: SAM2SERVE_EXPORT_IMAGE=<the export target> (torch, ~6 GB; `bash .ci/image --export`, README)"))
+def test_export_image_runs_as_the_chart_init_container(image, tmp_path):
+    """The chart's pod, start to end: its export-engines init container (the export image, untrained
+    weights) writes the engines into the engine volume as uid 10001; the server then serves them."""
+    chart = render_server({"engines": {"export": {"weights": "untrained"}}})
+    pod = chart["pod"]
+    [init] = pod["initContainers"]
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name, text in chart["scripts"].items():
+        (scripts / name).write_text(text)
+    scripts.chmod(0o755)
+    volume = tmp_path / "engine-volume"
+    volume.mkdir()
+    volume.chmod(0o777)  # an emptyDir
+    options = podman_run_options(pod, init, chart["env"], {"engines": volume, "scripts": scripts})
+    export_image = os.environ["SAM2SERVE_EXPORT_IMAGE"]
+    with running(options, export_image) as name:
+        assert podman("wait", name, timeout=1800).stdout.strip() == "0", podman("logs", name).stderr[-3000:]
+    model_dir = volume / TINY
+    assert model_dir.stat().st_uid == pod["securityContext"]["runAsUser"]
+    assert json.loads((model_dir / "manifest.json").read_text())["weights"]["origin"] == "untrained"
+
+    server = chart["container"]
+    options = podman_run_options(pod, server, chart["env"], {"engines": volume})
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    with running(options, image) as name:
+        channel = grpc.insecure_channel(f"127.0.0.1:{host_port(name, ports['grpc'])}")
+        wait_until_serving(name, channel)
+        stub = pb_grpc.AutoSegmentServiceStub(channel)
+        assert stub.GetInfo(pb.GetInfoRequest(), timeout=30).model.untrained
+        assert stub.AutoSegment(quick_request(), timeout=300).total_masks >= 1
         channel.close()

@@ -50,7 +50,7 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image(request: pytest.FixtureRequest) -> str:
     """Builds the base (once; cached by its recipe) and the server image, as CI and a developer would."""
     for tool in ("podman", "mmdebstrap"):
         if shutil.which(tool) is None:
@@ -60,7 +60,9 @@ def image() -> str:
     result = subprocess.run(["bash", str(ROOT / ".ci" / "image")], env={**os.environ, "IMAGE": IMAGE},
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f".ci/image failed:\n{result.stdout}\n{result.stderr}"
-    print(result.stdout)  # build times and sizes, in the test's captured output
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:  # build times and sizes in the CI log, whatever the capture mode
+        reporter.write_line("\n" + result.stdout.strip())
     return IMAGE
 
 

@@ -61,8 +61,10 @@ def image(request: pytest.FixtureRequest) -> str:
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f".ci/image failed:\n{result.stdout}\n{result.stderr}"
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:  # build times and sizes in the CI log, whatever the capture mode
-        reporter.write_line("\n" + result.stdout.strip())
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:  # build times and sizes in the CI log
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\n" + result.stdout.strip())
     return IMAGE
 
 

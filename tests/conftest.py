@@ -4,6 +4,7 @@ redis-server per test module that asks for one."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import time
@@ -87,3 +88,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     process.terminate()
     process.wait(10)
+
+
+def missing_tool(reason: str) -> None:
+    """A tool CI installs is absent: fail in CI (`CI=true`), where it must be there; skip elsewhere."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: CI installs it, so its absence is an error)", pytrace=False)
+    pytest.skip(reason)

@@ -25,11 +25,13 @@ from ..inputs.fetch import post_json
 from ..jobs import InProcessJobQueue, Job, JobQueue, JobState, Runner
 from ..metrics import Metrics, create_metrics, describe_server, serve_metrics
 from ..pipeline import run_segment
+from ..request_fields import RequestLimits
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
 from .auth import ApiKeyInterceptor
-from .convert import RequestLimits, generator_defaults
+from .convert import generator_defaults
 from .servicer import AutoSegmentServicer, server_info
+from .waiting import WaitingCalls
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
@@ -42,6 +44,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     queue: JobQueue
     servicer: AutoSegmentServicer
+    calls: WaitingCalls
     config: ServerConfig
     metrics: Metrics
     metrics_port: int | None = None
@@ -59,9 +62,9 @@ class RunningServer:
         drained = await self.queue.drain(self.config.drain_seconds)
         # Calls waiting for jobs that other replicas run (shared queue) get the rest of the drain period.
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-        drained = await self.servicer.wait_for_waiting_calls(remaining) and drained
+        drained = await self.calls.wait_for_none(remaining) and drained
         # Calls cut from here on leave their jobs to the replicas that run them; in-process jobs stop with them.
-        self.servicer.stopping = self.queue.shared
+        self.calls.stopping = self.queue.shared
         if not drained:
             log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
         await self.server.stop(grace=5.0)
@@ -104,12 +107,13 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
                   result_ttl_seconds=config.result_ttl_seconds),
         generator_defaults(fal_defaults()),
     )
-    servicer = AutoSegmentServicer(queue, info, limits, config.max_message_bytes, metrics)
+    calls = WaitingCalls()
+    servicer = AutoSegmentServicer(queue, info, limits, config.max_message_bytes, metrics, calls)
     describe_server(metrics, info.version, manifest.model, manifest.weights.origin, info.model.untrained,
                     info.model.backend, ",".join(info.model.providers), queue.depth)
     options = [("grpc.max_send_message_length", config.max_message_bytes),
                ("grpc.max_receive_message_length", config.max_message_bytes)]
-    interceptors = ([ApiKeyInterceptor(config.api_key, metrics.rejected.labels("unauthenticated").inc)]
+    interceptors = ([ApiKeyInterceptor(config.api_key, metrics.rejected.labels("unauthenticated", "grpc").inc)]
                     if config.api_key else [])
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_AutoSegmentServiceServicer_to_server(servicer, server)
@@ -124,7 +128,7 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
-    running = RunningServer(server, port, health_servicer, queue, servicer, config, metrics)
+    running = RunningServer(server, port, health_servicer, queue, servicer, calls, config, metrics)
     if config.metrics_port >= 0:
         http, _ = serve_metrics(metrics, config.host, config.metrics_port)
         running._metrics_http, running.metrics_port = http, http.server_port

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
@@ -14,13 +13,16 @@ from typing import Any
 import grpc
 
 from .. import __version__
-from ..errors import InvalidInput, QueueFull, ResultTooLarge, Sam2ServeError, ShuttingDown
+from ..error_table import error_code
+from ..errors import ResultTooLarge, Sam2ServeError
 from ..grpc_status import status_for
 from ..jobs import CancelOutcome, JobQueue, JobSnapshot, JobState
 from ..metrics import Metrics
+from ..request_fields import RequestLimits
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
-from .convert import RequestLimits, to_response, to_segment_request, to_status
+from .convert import to_response, to_segment_request, to_status
+from .waiting import WaitingCalls
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +32,7 @@ _CANCEL = {CancelOutcome.CANCELLED_IN_QUEUE: pb.CancelResponse.CANCELLED_IN_QUEU
            CancelOutcome.ALREADY_FINISHED: pb.CancelResponse.ALREADY_FINISHED}
 
 
-_REJECTION_REASONS = ((QueueFull, "queue_full"), (ShuttingDown, "shutting_down"),
-                      (ResultTooLarge, "result_too_large"), (InvalidInput, "invalid_argument"))
+PROTOCOL = "grpc"  # the protocol label of this adapter's metrics
 
 
 def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
@@ -47,8 +48,8 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
         else:
             got = context.code()
             code = got.name if isinstance(got, grpc.StatusCode) else "UNKNOWN"
-        self.metrics.requests.labels(name, code).inc()
-        self.metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
+        self.metrics.requests.labels(name, code, PROTOCOL).inc()
+        self.metrics.request_seconds.labels(name, PROTOCOL).observe(time.perf_counter() - start)
 
     if inspect.isasyncgenfunction(rpc):
         @functools.wraps(rpc)
@@ -81,44 +82,21 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
 
 class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     def __init__(self, queue: JobQueue, info: pb.ServerInfo, limits: RequestLimits,
-                 max_message_bytes: int, metrics: Metrics) -> None:
+                 max_message_bytes: int, metrics: Metrics, calls: WaitingCalls) -> None:
         self.queue = queue
         self.info = info
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
-        self.stopping = False
-        self._waiting_calls = 0
-        self._calls_changed = asyncio.Condition()
-
-    async def wait_for_waiting_calls(self, timeout_s: float) -> bool:
-        """Wait until no AutoSegment/Subscribe call is waiting for its job (True), or the timeout passes."""
-        try:
-            async with asyncio.timeout(timeout_s), self._calls_changed:
-                await self._calls_changed.wait_for(lambda: self._waiting_calls == 0)
-            return True
-        except TimeoutError:
-            return False
-
-    @contextlib.asynccontextmanager
-    async def _waiting_call(self) -> AsyncIterator[None]:
-        self._waiting_calls += 1
-        try:
-            yield
-        finally:
-            self._waiting_calls -= 1
-            async with self._calls_changed:
-                self._calls_changed.notify_all()
+        self.calls = calls
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        for kind, reason in _REJECTION_REASONS:
-            if isinstance(exc, kind):
-                self.metrics.rejected.labels(reason).inc()
-                break
-        code, message = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL:
+        code, message = error_code(exc)
+        if code.rejected:
+            self.metrics.rejected.labels(code.rejected, PROTOCOL).inc()
+        if code.grpc is grpc.StatusCode.INTERNAL:
             log.error("internal error in %s", type(exc).__name__, exc_info=exc)
-        await context.abort(code, message)
+        await context.abort(code.grpc, message)
 
     async def _result(self, job_id: str) -> pb.AutoSegmentResponse:
         snapshot = await self.queue.status(job_id)
@@ -142,17 +120,12 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     @observed
     async def AutoSegment(self, request: pb.AutoSegmentRequest,
                           context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
-        job_id = None
         try:
-            async with self._waiting_call():
+            async with self.calls.call(self.queue) as call:  # the caller leaving stops the work
                 segment = to_segment_request(request, self.limits)
-                job_id = (await self.queue.submit(segment)).id
-                await self.queue.wait(job_id)
-                return await self._result(job_id)
-        except asyncio.CancelledError:  # the caller left or its deadline passed: stop the work
-            if job_id is not None and not self.stopping:
-                await asyncio.shield(self.queue.cancel(job_id))
-            raise
+                call.job_id = (await self.queue.submit(segment)).id
+                await self.queue.wait(call.job_id)
+                return await self._result(call.job_id)
         except Exception as e:
             await self._fail(context, e)
             raise  # unreachable: abort raises
@@ -204,17 +177,12 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     @observed
     async def Subscribe(self, request: pb.AutoSegmentRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SubscribeEvent]:
-        job_id = None
         try:
-            async with self._waiting_call():
-                job_id = (await self.queue.submit(to_segment_request(request, self.limits))).id
-                async for snapshot in self.queue.watch(job_id):
+            async with self.calls.call(self.queue) as call:
+                call.job_id = (await self.queue.submit(to_segment_request(request, self.limits))).id
+                async for snapshot in self.queue.watch(call.job_id):
                     yield pb.SubscribeEvent(status=self._status(snapshot, True))
-                yield pb.SubscribeEvent(result=await self._result(job_id))
-        except asyncio.CancelledError:
-            if job_id is not None and not self.stopping:
-                await asyncio.shield(self.queue.cancel(job_id))
-            raise
+                yield pb.SubscribeEvent(result=await self._result(call.job_id))
         except Exception as e:
             await self._fail(context, e)
 

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,8 +31,12 @@ from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
 from .auth import ApiKeyInterceptor
 from .convert import generator_defaults
+from .fal import schema as fal_schema
 from .servicer import AutoSegmentServicer, server_info
 from .waiting import WaitingCalls
+
+if TYPE_CHECKING:
+    from .fal.serve import FalServer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
@@ -49,6 +54,11 @@ class RunningServer:
     metrics: Metrics
     metrics_port: int | None = None
     _metrics_http: object | None = None
+    fal: FalServer | None = None  # fal's HTTP API, with --http-port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.fal.port if self.fal is not None else None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -68,6 +78,8 @@ class RunningServer:
         if not drained:
             log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
         await self.server.stop(grace=5.0)
+        if self.fal is not None:
+            await self.fal.stop()
         await self.queue.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()  # type: ignore[attr-defined]
@@ -134,6 +146,10 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
         running._metrics_http, running.metrics_port = http, http.server_port
     await running.set_serving(False)
     await server.start()
+    if config.http_port >= 0:
+        from .fal.serve import start_fal_api
+
+        running.fal = await start_fal_api(config, queue, calls, metrics, limits, info.warning)
     await running.set_serving(True)
     log.info("serving %s (%s weights) on %s:%d", manifest.model, manifest.weights.origin, config.host, port)
     return running
@@ -155,19 +171,26 @@ def make_queue(config: ServerConfig, runner: Runner, on_finished: Callable[[Job]
 def job_finished(job: Job, metrics: Metrics, limits: InputLimits, loop: asyncio.AbstractEventLoop) -> None:
     observe_job(metrics, job)
     if job.request.webhook_url:
-        payload = {"request_id": job.id, "status": job.state.name}
-        if job.error is not None:
-            payload["error"] = status_for(job.error)[1]
-        loop.run_in_executor(None, call_webhook, job.request.webhook_url, payload, limits)
+        body = fal_schema.webhook_body if fal_schema.is_fal(job.request) else webhook_body
+        loop.run_in_executor(None, call_webhook, job.request.webhook_url, job.id, lambda: body(job), limits)
 
 
-def call_webhook(url: str, payload: dict, limits: InputLimits) -> None:
-    """Best effort, off the event loop, under image_url's address rules; failures are logged."""
+def webhook_body(job: Job) -> dict:
+    """The gRPC API's webhook body: {request_id, status[, error]}."""
+    payload = {"request_id": job.id, "status": job.state.name}
+    if job.error is not None:
+        payload["error"] = status_for(job.error)[1]
+    return payload
+
+
+def call_webhook(url: str, job_id: str, payload: Callable[[], dict], limits: InputLimits) -> None:
+    """Best effort, off the event loop (the body too: fal's may hold every mask), under image_url's address
+    rules; failures are logged."""
     try:
-        status = post_json(url, payload, limits)
-        log.info("webhook for %s answered HTTP %d", payload["request_id"], status)
+        status = post_json(url, payload(), limits)
+        log.info("webhook for %s answered HTTP %d", job_id, status)
     except ImageFetchError as e:
-        log.warning("webhook for %s not delivered: %s", payload["request_id"], e)
+        log.warning("webhook for %s not delivered: %s", job_id, e)
 
 
 def observe_job(metrics: Metrics, job: Job) -> None:
@@ -191,6 +214,7 @@ async def serve_forever(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"sam2serve listening on {config.host}:{running.port}"
+          + (f", fal's HTTP API on :{running.http_port}" if running.http_port is not None else "")
           + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", config.drain_seconds)

@@ -31,13 +31,17 @@ class WaitingCalls:
         try:
             yield call
         except asyncio.CancelledError:
-            if call.job_id is not None and not self.stopping:
-                await asyncio.shield(queue.cancel(call.job_id))
+            await self.leave(queue, call)
             raise
         finally:
             self._count -= 1
             async with self._changed:
                 self._changed.notify_all()
+
+    async def leave(self, queue: JobQueue, call: WaitingCall) -> None:
+        """The caller left before its job ended: cancel the job, unless the server is stopping and others run it."""
+        if call.job_id is not None and not self.stopping:
+            await asyncio.shield(queue.cancel(call.job_id))
 
     async def wait_for_none(self, timeout_s: float) -> bool:
         """Wait until no call is waiting for its job (True), or the timeout passes."""

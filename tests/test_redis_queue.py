@@ -5,18 +5,15 @@ fetched and cancelled on the other, the bound holds for both, a lost replica's j
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import needs_export_tools
+from conftest import needs_export_tools, needs_redis
 from grpc_harness import ServerThread, quick_request, slow_request, wait_for_state
 from sam2serve import jobcodec
 from sam2serve.amg.generator import GenerationResult, MaskRecord
@@ -31,35 +28,6 @@ from sam2serve.redis_jobs import RedisJobQueue
 from sam2serve.v1 import sam2serve_pb2 as pb
 
 State = pb.RequestStatus
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (.ci/setup installs "
-                                                               "Debian's redis-server when run as root)")
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server on a unix socket (no port to collide with), without persistence."""
-    import redis
-
-    directory = tmp_path_factory.mktemp("redis")
-    socket_path = directory / "redis.sock"
-    process = subprocess.Popen([REDIS_SERVER, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
-                                "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
-    url = f"unix://{socket_path}"
-    deadline = time.monotonic() + 20
-    while True:  # wait until it answers (it starts in milliseconds; the loop bounds a slow machine)
-        try:
-            if redis.Redis.from_url(url).ping():
-                break
-        except redis.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(10)
-
-
 def _outcome(n_masks: int = 2) -> SegmentOutcome:
     records = [MaskRecord(rle={"size": [4, 6], "counts": b"3" * (i + 1)}, area=5 + i, bbox=[0, 1, 2, 3],
                           predicted_iou=0.9, stability_score=0.97, point_coords=[[1.5, 2.0]], crop_box=[0, 0, 6, 4])

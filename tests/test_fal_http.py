@@ -156,3 +156,22 @@ def test_http_calls_are_counted_with_a_protocol_label(http, server):
     assert got[("sam2serve_request_duration_seconds_count", frozenset(http_call.items()))] >= 3
     for reason in ("unauthenticated", "invalid_argument"):
         assert got[("sam2serve_rejected_requests_total", frozenset({"reason": reason, "protocol": "http"}.items()))]
+
+
+def test_a_synchronous_caller_that_leaves_takes_its_job_with_it(server):
+    def cancelled() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=10) as r:
+            return next((s.value for family in text_string_to_metric_families(r.read().decode())
+                         for s in family.samples if s.name == "sam2serve_job_duration_seconds_count"
+                         and s.labels == {"outcome": "cancelled"}), 0.0)
+
+    before = cancelled()
+    with httpx.Client(base_url=server.http_base, headers={"Authorization": f"Key {KEY}"}) as http:
+        request_id = submit(http, points_per_side=32)  # holds the worker, so the synchronous call's job waits
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(f"/{APP}", json={"image_url": data_uri(), **QUICK}, timeout=httpx.Timeout(60, read=2))
+        http.put(f"{QUEUE}/{request_id}/cancel")
+        deadline = time.monotonic() + 300
+        while cancelled() < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # both cancellations reaching the job layer; the counter is what is awaited
+    assert cancelled() == before + 2 and server.running.queue.depth() == (0, 0)

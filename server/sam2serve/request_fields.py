@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from .amg.params import GeneratorParams, fal_defaults
 from .errors import InvalidInput
@@ -55,7 +56,7 @@ def segment_request(image_kind: str, image_value: str | bytes, fields: Mapping[s
         raise InvalidInput(f"unknown field(s): {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
     maxima = {"points_per_side": limits.max_points_per_side, "crop_n_layers": limits.max_crop_n_layers,
               "points_per_batch": limits.max_points_per_batch}
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     for name, (kind, low, high) in GENERATOR_FIELDS.items():
         if name in fields:
             overrides[name] = _in_range(name, _number(name, fields[name], kind), low, maxima.get(name, high))

@@ -7,8 +7,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
-from ..jobs import JobQueue
+
+class Cancels(Protocol):
+    async def cancel(self, job_id: str) -> object: ...
 
 
 @dataclass
@@ -23,7 +26,7 @@ class WaitingCalls:
         self._changed = asyncio.Condition()
 
     @contextlib.asynccontextmanager
-    async def call(self, queue: JobQueue) -> AsyncIterator[WaitingCall]:
+    async def call(self, queue: Cancels) -> AsyncIterator[WaitingCall]:
         """Count the call while it runs. If it is cancelled (the caller left, its deadline passed) after its
         job was submitted, the job is cancelled too, unless the server is stopping and others run it."""
         call = WaitingCall()
@@ -38,7 +41,7 @@ class WaitingCalls:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def leave(self, queue: JobQueue, call: WaitingCall) -> None:
+    async def leave(self, queue: Cancels, call: WaitingCall) -> None:
         """The caller left before its job ended: cancel the job, unless the server is stopping and others run it."""
         if call.job_id is not None and not self.stopping:
             await asyncio.shield(queue.cancel(call.job_id))

@@ -19,7 +19,7 @@ from ..waiting import WaitingCalls
 from .routes import DataPlane, FalApi, FalSettings
 from .uploads import MemoryUploads, RedisUploads, Uploads
 
-GRACE_S = 5.0  # after the drain, what connections still have (streams watching jobs run elsewhere)
+GRACE_S = 5  # after the drain, what connections still have (streams watching jobs run elsewhere)
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -96,7 +96,8 @@ class RedisUploads:
 
     async def get(self, token: str) -> bytes | None:
         async with _unavailable_on_redis_errors():
-            return await self._redis.get(self._prefix + token) or None
+            data = await self._redis.get(self._prefix + token)
+        return data.encode() if isinstance(data, str) else data or None  # bytes: no decode_responses here
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -36,7 +36,7 @@ TABLE: dict[type[errors.Sam2ServeError], ErrorCode] = {
     errors.QueueUnavailable: ErrorCode(S.UNAVAILABLE, 503, "queue_unavailable"),
 }
 INTERNAL = ErrorCode(S.INTERNAL, 500, "internal_error")
-INTERNAL_MESSAGE = "internal error; the server logged the details"
+INTERNAL_MESSAGE = errors.INTERNAL_MESSAGE
 
 
 def error_code(exc: BaseException) -> tuple[ErrorCode, str]:

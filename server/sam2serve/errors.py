@@ -4,6 +4,13 @@ internal error without details."""
 
 from __future__ import annotations
 
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+def public_message(exc: BaseException) -> str:
+    """What a caller may be told about `exc`: our own errors' messages, nothing of anything else."""
+    return str(exc) if isinstance(exc, Sam2ServeError) else INTERNAL_MESSAGE
+
 
 class Sam2ServeError(Exception):
     """Base class: the message is safe to show to the caller."""

@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .amg.params import GeneratorParams, fal_defaults
+from .domain import OutputOptions, SegmentRequest
 from .errors import InvalidInput
-from .pipeline import OutputOptions, SegmentRequest
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,10 @@ class RequestLimits:
     max_points_per_side: int = 64
     max_crop_n_layers: int = 3
     max_points_per_batch: int = 1024
+
+    @classmethod
+    def of(cls, config: ServerConfig) -> RequestLimits:
+        return cls(max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers)
 
 
 # generator field: (type, minimum, maximum); a maximum of 0 is taken from RequestLimits

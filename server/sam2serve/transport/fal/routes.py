@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from sse_starlette import EventSourceResponse
@@ -36,15 +36,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ...domain import SegmentRequest
 from ...error_table import error_code
 from ...errors import ImageTooLarge, InvalidInput, JobNotFound, Unauthenticated
-from ...inputs.limits import describe_bytes
-from ...jobs import CancelOutcome, JobSnapshot
+from ...jobs import CancelOutcome, JobResult, JobService, JobSnapshot
+from ...limits import describe_bytes
 from ...metrics import Metrics
-from ...pipeline import SegmentOutcome, SegmentRequest
 from ...request_fields import RequestLimits
 from ..auth import MISSING_KEY, key_matches
-from ..waiting import WaitingCalls
 from . import schema
 from .uploads import UPLOAD_PATH, Uploads, token_of
 
@@ -55,18 +54,6 @@ TARGET_HEADER = "x-fal-target-url"
 # fal host → where its paths live here
 _FAL_HOSTS = {"queue.fal.run": "/queue", "fal.run": "", "rest.fal.ai": ""}
 PING_S = 15.0  # SSE keep-alive comments, for proxies that close idle connections
-
-
-class DataPlane(Protocol):
-    """What this adapter needs of the job layer (sam2serve.jobs.JobQueue provides it)."""
-
-    async def submit(self, request: SegmentRequest) -> JobSnapshot: ...
-    async def status(self, job_id: str) -> JobSnapshot: ...
-    def watch(self, job_id: str) -> AsyncIterator[JobSnapshot]: ...
-    async def wait(self, job_id: str) -> JobSnapshot: ...
-    async def request(self, job_id: str) -> SegmentRequest: ...
-    async def result(self, job_id: str) -> SegmentOutcome: ...
-    async def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]: ...
 
 
 @dataclass(frozen=True)
@@ -106,9 +93,8 @@ def endpoint(rpc: str, public: bool = False) -> Callable[[Handler], Handler]:
 
 
 class FalApi:
-    def __init__(self, jobs: DataPlane, calls: WaitingCalls, uploads: Uploads, settings: FalSettings,
-                 metrics: Metrics) -> None:
-        self.jobs, self.calls, self.uploads, self.settings, self.metrics = jobs, calls, uploads, settings, metrics
+    def __init__(self, jobs: JobService, uploads: Uploads, settings: FalSettings, metrics: Metrics) -> None:
+        self.jobs, self.uploads, self.settings, self.metrics = jobs, uploads, settings, metrics
         self._key = settings.api_key.encode()
 
     def asgi(self) -> ASGIApp:
@@ -160,9 +146,8 @@ class FalApi:
     async def result(self, request: Request) -> Response:
         _app(request)
         job_id = request.path_params["request_id"]
-        outcome = await _job_result(self.jobs, job_id)
-        segment = await self.jobs.request(job_id)
-        return await _json_off_loop(lambda: schema.output(outcome, segment, self._urls(request, job_id)),
+        result = await _job_result(self.jobs, job_id)
+        return await _json_off_loop(lambda: schema.output(result.outcome, result.request, self._urls(request, job_id)),
                                     _request_id(job_id))
 
     @endpoint("Cancel")
@@ -182,22 +167,22 @@ class FalApi:
     @endpoint("AutoSegment")
     async def run(self, request: Request) -> Response:
         _app(request, exact=True)
-        segment = await self._segment_request(request)
-        async with self.calls.call(self.jobs) as call:
-            call.job_id = (await self.jobs.submit(segment)).id
-            if not await _wait_unless_gone(request, self.jobs.wait(call.job_id)):
-                await self.calls.leave(self.jobs, call)
-                return Response(status_code=499)  # nobody reads it: the caller has gone
-            outcome = await _job_result(self.jobs, call.job_id)
-        urls = self._urls(request, call.job_id)
-        return await _json_off_loop(lambda: schema.output(outcome, segment, urls), _request_id(call.job_id))
+        try:
+            async with self.jobs.attached(await self._segment_request(request)) as job:
+                if not await _wait_unless_gone(request, self.jobs.wait(job.id)):
+                    raise _CallerLeft  # the data plane cancels the job of a caller that left
+                result = await _job_result(self.jobs, job.id)
+        except _CallerLeft:
+            return Response(status_code=499)  # nobody reads it: the caller has gone
+        urls = self._urls(request, job.id)
+        return await _json_off_loop(lambda: schema.output(result.outcome, result.request, urls),
+                                    _request_id(job.id))
 
     # -- files -------------------------------------------------------------------------------------------
     @endpoint("GetFile")
     async def file(self, request: Request) -> Response:
         job_id, name = request.path_params["request_id"], request.path_params["file_name"]
-        outcome = await self.jobs.result(job_id)
-        image = schema.file_named(outcome, name)
+        image = schema.file_named((await self.jobs.result(job_id)).outcome, name)
         if image is None:
             raise JobNotFound(f"request {job_id} has no file {name!r}")
         left = schema.seconds_left((await self.jobs.status(job_id)).finished_at, self.settings.result_ttl_s)
@@ -276,7 +261,11 @@ def _request_id(job_id: str) -> dict[str, str]:
     return {"x-fal-request-id": job_id}
 
 
-async def _job_result(jobs: DataPlane, job_id: str) -> SegmentOutcome:
+class _CallerLeft(asyncio.CancelledError):
+    """The client of a synchronous call disconnected: the call is cancelled, and its job with it."""
+
+
+async def _job_result(jobs: JobService, job_id: str) -> JobResult:
     try:
         return await jobs.result(job_id)
     except Exception as e:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ...domain import SegmentOutcome, SegmentRequest
 from ...error_table import error_code
 from ...errors import InvalidInput, JobCancelled
-from ...jobs import Job, JobSnapshot, JobState
+from ...jobs import JobFinished, JobSnapshot, JobState
 from ...outputs.encode import EncodedImage
-from ...pipeline import SegmentOutcome, SegmentRequest
 from ...request_fields import FIELDS, RequestLimits, segment_request
 
 APP_ID = "fal-ai/sam2/auto-segment"
@@ -144,7 +144,7 @@ def job_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def webhook_body(job: Job) -> dict[str, Any]:
+def webhook_body(job: JobFinished) -> dict[str, Any]:
     """fal's webhook body: request_id, gateway_request_id, status OK with the output as payload, or ERROR with
     the error's body as payload and `error` saying what fal says ("Invalid status code: <HTTP status>")."""
     urls = RequestUrls(job.request.delivery.get("base_url", ""), job.id)

@@ -25,6 +25,8 @@ class ServerConfig:
     # sets it), and, when metrics_token is set, only for `Authorization: Bearer <metrics_token>`.
     metrics_host: str = "127.0.0.1"
     metrics_token: str = ""
+    http_port: int = -1  # fal's HTTP API (queue, synchronous run, status streams); -1 disables it, 0: a free port
+    public_url: str = ""  # base of the URLs the HTTP API hands out, behind a load balancer ("": the URL called)
     workers: int = 1  # jobs run at once (each uses every core through ONNX Runtime)
     url_fetchers: int = 4  # image_url downloads at once, apart from the workers; 0: a worker fetches its own
     queue_size: int = 32  # jobs waiting; beyond that RESOURCE_EXHAUSTED

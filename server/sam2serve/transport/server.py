@@ -11,10 +11,11 @@ from grpc_reflection.v1alpha import reflection
 
 from ..app import App
 from ..errors import StartupError
+from ..request_fields import RequestLimits
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
 from .auth import ApiKeyInterceptor
-from .convert import RequestLimits, server_info
+from .convert import server_info
 from .servicer import AutoSegmentServicer
 from .wire import UndecodableRequests
 
@@ -30,20 +31,20 @@ def receive_limit(max_message_bytes: int, max_image_bytes: int) -> int:
 
 
 class GrpcAdapter:
+    protocol = "grpc"
+
     def __init__(self, app: App) -> None:
         config = app.config
-        limits = RequestLimits(max_points_per_side=config.max_points_per_side,
-                               max_crop_n_layers=config.max_crop_n_layers)
-        self.servicer = AutoSegmentServicer(app.jobs, server_info(app), limits, config.max_message_bytes,
-                                            app.metrics)
+        self.servicer = AutoSegmentServicer(app.jobs, server_info(app), RequestLimits.of(config),
+                                            config.max_message_bytes, app.metrics)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", receive_limit(config.max_message_bytes,
                                                                      config.max_image_bytes)),
                    ("grpc.so_reuseport", 0)]  # a second server on a port in use fails instead of sharing it
         interceptors: list[grpc.aio.ServerInterceptor] = (
-            [ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated").inc)]
+            [ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
             if config.api_key else [])
-        interceptors.append(UndecodableRequests(app.metrics.rejected.labels("invalid_argument").inc))
+        interceptors.append(UndecodableRequests(app.metrics.rejected.labels("invalid_argument", "grpc").inc))
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         pb_grpc.add_AutoSegmentServiceServicer_to_server(self.servicer, self.server)

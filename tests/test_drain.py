@@ -10,7 +10,7 @@ import pytest
 
 from jobfakes import outcome, request, service
 from sam2serve.domain import Cancelled, JobControl, SegmentRequest
-from sam2serve.errors import JobCancelled
+from sam2serve.errors import JobCancelled, JobNotFound
 from sam2serve.jobs.memory import MemoryJobStore
 from sam2serve.jobs.model import JobState
 
@@ -72,3 +72,37 @@ def test_an_expiring_drain_cancels_running_and_queued_jobs():
         await jobs.close()
 
     asyncio.run(main())
+
+
+def test_the_in_process_table_keeps_a_bounded_number_of_finished_jobs():
+    """Finding 9: failed jobs were kept for their whole TTL with no count bound (11.5 k of them made GetStatus
+    6x slower, as each call summed the kept results). Now the oldest finished jobs go beyond the count, and
+    the bytes kept are a running total that stays exact as jobs come and go."""
+
+    async def main() -> None:
+        store = MemoryJobStore(result_store_jobs=3, result_store_bytes=10**9)
+        ids = []
+        for _ in range(5):
+            job = await store.add(request())
+            claim = await store.claim(1.0)
+            await store.finish(claim, JobState.COMPLETED, outcome=outcome())
+            ids.append(job.id)
+        for gone in ids[:2]:
+            with pytest.raises(JobNotFound):
+                await store.snapshot(gone)
+        for kept in ids[2:]:
+            assert (await store.snapshot(kept)).state is JobState.COMPLETED
+        assert store._stored_bytes == 3 * outcome().stored_bytes()
+        store._store_bytes = 2 * outcome().stored_bytes()  # the byte bound still evicts, oldest first
+        await store.add(request())
+        assert [await _kept(store, i) for i in ids[2:]] == [False, True, True]
+
+    asyncio.run(main())
+
+
+async def _kept(store: MemoryJobStore, job_id: str) -> bool:
+    try:
+        await store.snapshot(job_id)
+        return True
+    except JobNotFound:
+        return False

@@ -58,7 +58,8 @@ def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None])
                              prefix=config.redis_prefix, on_finished=on_finished,
                              queue_bytes=config.queue_image_bytes)
     return MemoryJobStore(queue_size=config.queue_size, result_ttl_s=config.result_ttl_seconds,
-                          result_store_bytes=config.result_store_bytes, on_finished=on_finished,
+                          result_store_bytes=config.result_store_bytes, result_store_jobs=config.result_store_jobs,
+                          on_finished=on_finished,
                           queue_bytes=config.queue_image_bytes)
 
 

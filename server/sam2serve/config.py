@@ -40,6 +40,7 @@ class ServerConfig:
     max_status_streams: int = 4096  # WatchStatus / Subscribe streams open at once; beyond that RESOURCE_EXHAUSTED
     result_ttl_seconds: float = 600.0
     result_store_bytes: int = 512 * 1024 * 1024  # in-process queue only; Redis has its own maxmemory
+    result_store_jobs: int = 10_000  # finished jobs kept, in-process queue only; the oldest go first
     redis_url: str = ""  # redis://[:password@]host:port/db: a queue shared by every replica; empty: in-process
     redis_prefix: str = "sam2serve:"  # key prefix, so that several deployments can share one Redis
     drain_seconds: float = 30.0

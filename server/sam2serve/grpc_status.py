@@ -13,6 +13,7 @@ STATUS_OF: dict[type[errors.Sam2ServeError], grpc.StatusCode] = {
     errors.QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.ResultTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.JobNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.EmbeddingNotFound: grpc.StatusCode.NOT_FOUND,
     errors.JobNotFinished: grpc.StatusCode.FAILED_PRECONDITION,
     errors.JobCancelled: grpc.StatusCode.CANCELLED,
     errors.JobFailed: grpc.StatusCode.INTERNAL,

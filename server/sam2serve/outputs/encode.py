@@ -19,7 +19,10 @@ if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11
     _PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
 DEFAULT_JPEG_QUALITY = 90
 
-_FORMATS = {"png": (".png", "image/png"), "jpeg": (".jpg", "image/jpeg")}
+_FORMATS = {"png": (".png", "image/png"), "jpeg": (".jpg", "image/jpeg"), "webp": (".webp", "image/webp")}
+# WebP (fal's prompted endpoint offers it) is written lossless: masks keep exactly 0/255, and flat pictures
+# compress well that way.
+_WEBP_PARAMS = [cv2.IMWRITE_WEBP_QUALITY, 101]
 _ALIASES = {"jpg": "jpeg"}
 
 
@@ -34,10 +37,10 @@ class EncodedImage:
 
 
 def normalise_format(fmt: str) -> str:
-    """'png' or 'jpeg' ('jpg' accepted); anything else is a ValueError."""
+    """'png', 'jpeg' ('jpg' accepted) or 'webp'; anything else is a ValueError."""
     name = _ALIASES.get(fmt, fmt)
     if name not in _FORMATS:
-        raise ValueError(f"unsupported image format {fmt!r}: expected 'png' or 'jpeg'")
+        raise ValueError(f"unsupported image format {fmt!r}: expected 'png', 'jpeg' or 'webp'")
     return name
 
 
@@ -56,7 +59,7 @@ def encode_image(rgb_or_gray: np.ndarray, fmt: str, file_name_stem: str,
         raise ValueError(f"jpeg_quality must be within 1..100, got {jpeg_quality}")
     array = _to_opencv(np.asarray(rgb_or_gray))
     extension, content_type = _FORMATS[fmt]
-    params = _PNG_PARAMS if fmt == "png" else [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
+    params = {"png": _PNG_PARAMS, "webp": _WEBP_PARAMS}.get(fmt, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
     ok, buffer = cv2.imencode(extension, array, params)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {array.shape} array as {fmt}")

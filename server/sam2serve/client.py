@@ -14,15 +14,19 @@ from .v1 import sam2serve_pb2 as pb
 from .v1 import sam2serve_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+OUTPUT_FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
+
+
+def image_input(image: str) -> dict[str, str | bytes]:
+    """The request's image field for a command-line argument: a URL the server fetches, or a file's bytes."""
+    if image.startswith(("http://", "https://")):
+        return {"image_url": image}
+    return {"image_bytes": Path(image).read_bytes()}
 
 
 def build_request(args: argparse.Namespace) -> pb.AutoSegmentRequest:
-    request = pb.AutoSegmentRequest(return_overlay=True, output_format=(
-        pb.OUTPUT_FORMAT_JPEG if args.format == "jpeg" else pb.OUTPUT_FORMAT_PNG))
-    if args.image.startswith(("http://", "https://")):
-        request.image_url = args.image
-    else:
-        request.image_bytes = Path(args.image).read_bytes()
+    request = pb.AutoSegmentRequest(return_overlay=True, output_format=OUTPUT_FORMATS[args.format],
+                                    **image_input(args.image))
     if args.points_per_side is not None:
         request.points_per_side = args.points_per_side
     if args.max_masks is not None:
@@ -53,22 +57,33 @@ def write_outputs(response: pb.AutoSegmentResponse, out: Path) -> list[Path]:
     return written
 
 
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    key = api_key if api_key is not None else os.environ.get("SAM2SERVE_API_KEY", "")
+    return (("authorization", f"Key {key}"),) if key else ()
+
+
+def open_channel(server: str) -> grpc.Channel:
+    return grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+
+
+def warn_if_untrained(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+    info = pb_grpc.AutoSegmentServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30, metadata=metadata)
+    if info.warning:
+        print(f"WARNING from server: {info.warning}", file=sys.stderr)
+
+
 def segment_command(args: argparse.Namespace) -> int:
-    key = args.api_key if args.api_key is not None else os.environ.get("SAM2SERVE_API_KEY", "")
-    metadata = (("authorization", f"Key {key}"),) if key else ()
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    metadata = auth_metadata(args.api_key)
     try:
         request = build_request(args)
     except OSError as e:
         print(f"error: cannot read {args.image}: {e.strerror}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.server, options=options) as channel:
+    with open_channel(args.server) as channel:
         stub = pb_grpc.AutoSegmentServiceStub(channel)
         try:
-            info = stub.GetInfo(pb.GetInfoRequest(), timeout=30, metadata=metadata)
-            if info.warning:
-                print(f"WARNING from server: {info.warning}", file=sys.stderr)
+            warn_if_untrained(channel, metadata)
             response = _via_queue(stub, request, metadata, args.timeout) if args.queue else stub.AutoSegment(
                 request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -40,14 +41,31 @@ _RANGES: dict[str, tuple[type, float, float]] = {
 _BOOLS = ("use_m2m", "multimask_output")
 
 
-def to_segment_request(msg: pb.AutoSegmentRequest, limits: RequestLimits,
-                       defaults: GeneratorParams | None = None) -> SegmentRequest:
+_OUTPUT_FORMATS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.OUTPUT_FORMAT_PNG: "png",
+                   pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT_FORMAT_WEBP: "webp"}
+
+
+def output_format(value: int) -> str:
+    if value not in _OUTPUT_FORMATS:
+        raise InvalidInput(f"output_format {value} is not one of {sorted(_OUTPUT_FORMATS)}")
+    return _OUTPUT_FORMATS[value]
+
+
+def image_field(msg: Any) -> tuple[str, str | bytes]:
+    """The field set in a request's `image` oneof and its value; InvalidInput when none is set or it is empty."""
     kind = msg.WhichOneof("image")
     if kind is None:
-        raise InvalidInput("no image in the request: set one of image_url, image_data_uri or image_bytes")
+        names = [f.name for f in msg.DESCRIPTOR.oneofs_by_name["image"].fields]
+        raise InvalidInput(f"no image in the request: set one of {', '.join(names[:-1])} or {names[-1]}")
     value = getattr(msg, kind)
     if not value:
         raise InvalidInput(f"{kind} is empty")
+    return kind, value
+
+
+def to_segment_request(msg: pb.AutoSegmentRequest, limits: RequestLimits,
+                       defaults: GeneratorParams | None = None) -> SegmentRequest:
+    kind, value = image_field(msg)
     maxima = {"points_per_side": limits.max_points_per_side, "crop_n_layers": limits.max_crop_n_layers,
               "points_per_batch": limits.max_points_per_batch}
     overrides: dict[str, object] = {}
@@ -68,7 +86,7 @@ def to_segment_request(msg: pb.AutoSegmentRequest, limits: RequestLimits,
     if msg.HasField("max_masks") and msg.max_masks < 0:
         raise InvalidInput(f"max_masks must be 0 or more, got {msg.max_masks}")
     output = OutputOptions(
-        fmt="jpeg" if msg.output_format == pb.OUTPUT_FORMAT_JPEG else "png",
+        fmt=output_format(msg.output_format),
         individual_masks=msg.return_individual_masks if msg.HasField("return_individual_masks") else True,
         rle=msg.return_rle,
         overlay=msg.return_overlay,
@@ -85,7 +103,7 @@ def generator_defaults(params: GeneratorParams) -> pb.GeneratorDefaults:
     return pb.GeneratorDefaults(**{k: v for k, v in params.__dict__.items() if k in names})
 
 
-def _image(encoded: object) -> pb.Image:
+def to_image(encoded: object) -> pb.Image:
     e = encoded
     return pb.Image(data=e.data, content_type=e.content_type, file_name=e.file_name,  # type: ignore[attr-defined]
                     file_size=e.file_size, width=e.width, height=e.height)  # type: ignore[attr-defined]
@@ -108,12 +126,12 @@ def to_response(outcome: SegmentOutcome, request: SegmentRequest, model: pb.Mode
     timings = pb.StageTimings(queue_seconds=queue_s, image_seconds=t["image"], encoder_seconds=t["encoder"],
                               decoder_seconds=t["decoder"], postprocess_seconds=t["postprocess"],
                               output_seconds=t["output"], total_seconds=queue_s + sum(t.values()))
-    response = pb.AutoSegmentResponse(combined_mask=_image(rendered.combined),
-                                      individual_masks=[_image(i) for i in rendered.individual], masks=masks,
+    response = pb.AutoSegmentResponse(combined_mask=to_image(rendered.combined),
+                                      individual_masks=[to_image(i) for i in rendered.individual], masks=masks,
                                       timings=timings, model=model, total_masks=len(outcome.result.records),
                                       request_id=request_id)
     if rendered.overlay is not None:
-        response.overlay.CopyFrom(_image(rendered.overlay))
+        response.overlay.CopyFrom(to_image(rendered.overlay))
     return response
 
 

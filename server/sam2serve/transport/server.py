@@ -25,14 +25,17 @@ from ..inputs.fetch import post_json
 from ..jobs import InProcessJobQueue, Job, JobQueue, JobState, Runner
 from ..metrics import Metrics, create_metrics, describe_server, serve_metrics
 from ..pipeline import run_segment
+from ..prompts import PromptWorkers
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
 from .auth import ApiKeyInterceptor
 from .convert import RequestLimits, generator_defaults
+from .prompt_servicer import attach_prompt_service
 from .servicer import AutoSegmentServicer, server_info
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
+PROMPT_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PromptSegmentService"].full_name
 
 
 @dataclass
@@ -46,15 +49,18 @@ class RunningServer:
     metrics: Metrics
     metrics_port: int | None = None
     _metrics_http: object | None = None
+    prompts: PromptWorkers | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, PROMPT_SERVICE_NAME):
             await self.health.set(name, status)
 
     async def shutdown(self) -> bool:
         """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
         await self.set_serving(False)
+        if self.prompts is not None:
+            self.prompts.accepting = False
         deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
         drained = await self.queue.drain(self.config.drain_seconds)
         # Calls waiting for jobs that other replicas run (shared queue) get the rest of the drain period.
@@ -66,6 +72,8 @@ class RunningServer:
             log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
         await self.server.stop(grace=5.0)
         await self.queue.close()
+        if self.prompts is not None:
+            self.prompts.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()  # type: ignore[attr-defined]
         return drained
@@ -101,7 +109,9 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
         pb.Limits(max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels,
                   max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers,
                   queue_size=config.queue_size, workers=config.workers, max_message_bytes=config.max_message_bytes,
-                  result_ttl_seconds=config.result_ttl_seconds),
+                  result_ttl_seconds=config.result_ttl_seconds, max_prompt_points=config.max_prompt_points,
+                  max_prompt_boxes=config.max_prompt_boxes,
+                  embedding_cache_bytes=config.embedding_cache_mb * 1024 * 1024),
         generator_defaults(fal_defaults()),
     )
     servicer = AutoSegmentServicer(queue, info, limits, config.max_message_bytes, metrics)
@@ -113,10 +123,12 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
                     if config.api_key else [])
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_AutoSegmentServiceServicer_to_server(servicer, server)
+    prompts = attach_prompt_service(server, config, engine, metrics, info.model)  # type: ignore[arg-type]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, PROMPT_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
     if config.tls_cert and config.tls_key:
         credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
@@ -124,7 +136,7 @@ async def start_server(config: ServerConfig, engine: object | None = None) -> Ru
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
-    running = RunningServer(server, port, health_servicer, queue, servicer, config, metrics)
+    running = RunningServer(server, port, health_servicer, queue, servicer, config, metrics, prompts=prompts)
     if config.metrics_port >= 0:
         http, _ = serve_metrics(metrics, config.host, config.metrics_port)
         running._metrics_http, running.metrics_port = http, http.server_port

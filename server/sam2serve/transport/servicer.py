@@ -34,11 +34,23 @@ _REJECTION_REASONS = ((QueueFull, "queue_full"), (ShuttingDown, "shutting_down")
                       (ResultTooLarge, "result_too_large"), (InvalidInput, "invalid_argument"))
 
 
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, metrics: Metrics) -> None:
+    """End the call with the status the error table gives `exc` (counted as a rejection where it is one)."""
+    for kind, reason in _REJECTION_REASONS:
+        if isinstance(exc, kind):
+            metrics.rejected.labels(reason).inc()
+            break
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("internal error in %s", type(exc).__name__, exc_info=exc)
+    await context.abort(code, message)
+
+
 def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
     """Count the call by method and final status code, and time it (sam2serve_requests_total, ...)."""
     name = rpc.__name__
 
-    def record(self: AutoSegmentServicer, start: float, context: grpc.aio.ServicerContext,
+    def record(self: Any, start: float, context: grpc.aio.ServicerContext,
                exc: BaseException | None) -> None:
         if exc is None:
             code = "OK"
@@ -52,7 +64,7 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
 
     if inspect.isasyncgenfunction(rpc):
         @functools.wraps(rpc)
-        async def streaming(self: AutoSegmentServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def streaming(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             start, error = time.perf_counter(), None
             try:
                 async for item in rpc(self, request, context):
@@ -66,7 +78,7 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
         return streaming
 
     @functools.wraps(rpc)
-    async def unary(self: AutoSegmentServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         start, error = time.perf_counter(), None
         try:
             return await rpc(self, request, context)
@@ -111,14 +123,7 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
                 self._calls_changed.notify_all()
 
     async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        for kind, reason in _REJECTION_REASONS:
-            if isinstance(exc, kind):
-                self.metrics.rejected.labels(reason).inc()
-                break
-        code, message = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("internal error in %s", type(exc).__name__, exc_info=exc)
-        await context.abort(code, message)
+        await abort_with(context, exc, self.metrics)
 
     async def _result(self, job_id: str) -> pb.AutoSegmentResponse:
         snapshot = await self.queue.status(job_id)

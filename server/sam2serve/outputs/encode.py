@@ -46,7 +46,7 @@ def normalise_format(fmt: str) -> str:
 
 def encode_image(rgb_or_gray: np.ndarray, fmt: str, file_name_stem: str,
                  jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> EncodedImage:
-    """Encode an HxWx3 RGB or HxW grayscale uint8 array (a bool mask becomes 0/255) as `fmt`.
+    """Encode an HxWx3 RGB, HxWx4 RGBA or HxW grayscale uint8 array (a bool mask becomes 0/255) as `fmt`.
 
     Grayscale arrays are written as 8-bit single-channel files. PNG is lossless, so a binary mask decodes
     to exactly 0/255; JPEG is lossy, so a binary mask comes back with grey values along its edges and a
@@ -69,21 +69,18 @@ def encode_image(rgb_or_gray: np.ndarray, fmt: str, file_name_stem: str,
 
 
 def _to_opencv(array: np.ndarray) -> np.ndarray:
-    """uint8 HxW grayscale or HxWx3 BGR, as cv2.imencode expects."""
+    """uint8 HxW grayscale, HxWx3 BGR or HxWx4 BGRA (PNG and WebP keep the alpha), as cv2.imencode expects."""
     if array.dtype == np.bool_:
         array = array.view(np.uint8) * np.uint8(255)
     if array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (or bool) image, got {array.dtype}")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    if array.ndim == 2:
-        gray = array
-    elif array.ndim == 3 and array.shape[2] == 3:
-        gray = None
-    else:
-        raise ValueError(f"expected an HxW or HxWx3 image, got shape {array.shape}")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"expected an HxW, HxWx3 or HxWx4 image, got shape {array.shape}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ValueError(f"cannot encode an empty image of shape {array.shape}")
-    if gray is not None:
-        return np.ascontiguousarray(gray)
-    return cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_RGB2BGR)
+    if array.ndim == 2:
+        return np.ascontiguousarray(array)
+    conversion = cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA
+    return cv2.cvtColor(np.ascontiguousarray(array), conversion)

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -14,6 +16,9 @@ from .v1 import sam2serve_pb2 as pb
 from .v1 import sam2serve_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+Metadata = tuple[tuple[str, str], ...]
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 OUTPUT_FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
 
 
@@ -57,7 +62,7 @@ def write_outputs(response: pb.AutoSegmentResponse, out: Path) -> list[Path]:
     return written
 
 
-def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+def auth_metadata(api_key: str | None) -> Metadata:
     key = api_key if api_key is not None else os.environ.get("SAM2SERVE_API_KEY", "")
     return (("authorization", f"Key {key}"),) if key else ()
 
@@ -67,28 +72,42 @@ def open_channel(server: str) -> grpc.Channel:
                                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
 
 
-def warn_if_untrained(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+def warn_if_untrained(channel: grpc.Channel, metadata: Metadata) -> None:
     info = pb_grpc.AutoSegmentServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30, metadata=metadata)
     if info.warning:
         print(f"WARNING from server: {info.warning}", file=sys.stderr)
 
 
-def segment_command(args: argparse.Namespace) -> int:
+def call_server(args: argparse.Namespace, build: Callable[[argparse.Namespace], Request],
+                call: Callable[[grpc.Channel, Request, Metadata], Response]) -> tuple[Request, Response] | int:
+    """Build the request from the command line and make the call: (request, response), or the exit code after
+    saying what went wrong (2: the image file cannot be read, 1: the server refused)."""
     metadata = auth_metadata(args.api_key)
     try:
-        request = build_request(args)
+        request = build(args)
     except OSError as e:
         print(f"error: cannot read {args.image}: {e.strerror}", file=sys.stderr)
         return 2
     with open_channel(args.server) as channel:
-        stub = pb_grpc.AutoSegmentServiceStub(channel)
         try:
             warn_if_untrained(channel, metadata)
-            response = _via_queue(stub, request, metadata, args.timeout) if args.queue else stub.AutoSegment(
-                request, timeout=args.timeout, metadata=metadata)
+            return request, call(channel, request, metadata)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    def call(channel: grpc.Channel, request: pb.AutoSegmentRequest, metadata: Metadata) -> pb.AutoSegmentResponse:
+        stub = pb_grpc.AutoSegmentServiceStub(channel)
+        if args.queue:
+            return _via_queue(stub, request, metadata, args.timeout)
+        return stub.AutoSegment(request, timeout=args.timeout, metadata=metadata)
+
+    done = call_server(args, build_request, call)
+    if isinstance(done, int):
+        return done
+    _, response = done
     written = write_outputs(response, Path(args.out))
     t = response.timings
     print(f"{len(response.masks)} masks ({response.total_masks} found) in {t.total_seconds:.1f} s "

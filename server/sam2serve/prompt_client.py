@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -13,7 +12,7 @@ import grpc
 import numpy as np
 
 from .amg.generator import MaskRecord
-from .client import OUTPUT_FORMATS, auth_metadata, image_input, open_channel, warn_if_untrained
+from .client import OUTPUT_FORMATS, Metadata, call_server, image_input
 from .outputs import encode_image, overlay
 from .v1 import sam2serve_pb2 as pb
 from .v1 import sam2serve_pb2_grpc as pb_grpc
@@ -94,20 +93,13 @@ def write_prompt_outputs(request: pb.SegmentRequest, response: pb.SegmentRespons
 
 
 def prompt_command(args: argparse.Namespace) -> int:
-    metadata = auth_metadata(args.api_key)
-    try:
-        request = build_prompt_request(args)
-    except OSError as e:
-        print(f"error: cannot read {args.image}: {e.strerror}", file=sys.stderr)
-        return 2
-    with open_channel(args.server) as channel:
-        try:
-            warn_if_untrained(channel, metadata)
-            response = pb_grpc.PromptSegmentServiceStub(channel).Segment(request, timeout=args.timeout,
-                                                                         metadata=metadata)
-        except grpc.RpcError as e:
-            print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-            return 1
+    def call(channel: grpc.Channel, request: pb.SegmentRequest, metadata: Metadata) -> pb.SegmentResponse:
+        return pb_grpc.PromptSegmentServiceStub(channel).Segment(request, timeout=args.timeout, metadata=metadata)
+
+    done = call_server(args, build_prompt_request, call)
+    if isinstance(done, int):
+        return done
+    request, response = done
     rgb = None
     if request.WhichOneof("image") == "image_bytes":
         from .images import read_rgb

@@ -13,10 +13,15 @@ import numpy as np
 # 43 KiB, a binary mask ≈ 2–3 ms / 6 KiB, a photo overlay ≈ 35–45 ms / 2.1 MiB; level 1 or 3 with the
 # default strategy took 2–4× as long for files of about the same size, and level 6–9 saved at most half of
 # an already small mask file for 1.5–3× the time. Flat-coloured masks compress well at any level.
+# Single-channel pictures (binary masks) go without a row filter: their 0/255 runs are what Z_RLE wants, and
+# filtering only turns them into edge bytes. On 1800×1200 masks (in one run, busy cores) that was 1.2–1.5×
+# faster than SUB and 20–40 % smaller, for smooth and for noisy masks alike; prompted calls make 3 per click.
 PNG_COMPRESSION = 1
 _PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+_PNG_GRAY_PARAMS = list(_PNG_PARAMS)
 if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11
     _PNG_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    _PNG_GRAY_PARAMS += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
 DEFAULT_JPEG_QUALITY = 90
 
 _FORMATS = {"png": (".png", "image/png"), "jpeg": (".jpg", "image/jpeg"), "webp": (".webp", "image/webp")}
@@ -59,7 +64,8 @@ def encode_image(rgb_or_gray: np.ndarray, fmt: str, file_name_stem: str,
         raise ValueError(f"jpeg_quality must be within 1..100, got {jpeg_quality}")
     array = _to_opencv(np.asarray(rgb_or_gray))
     extension, content_type = _FORMATS[fmt]
-    params = {"png": _PNG_PARAMS, "webp": _WEBP_PARAMS}.get(fmt, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+    png = _PNG_GRAY_PARAMS if array.ndim == 2 else _PNG_PARAMS
+    params = {"png": png, "webp": _WEBP_PARAMS}.get(fmt, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
     ok, buffer = cv2.imencode(extension, array, params)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {array.shape} array as {fmt}")

@@ -29,7 +29,7 @@ class PromptServer(ServerThread):
         self.prompts = pb_grpc.PromptSegmentServiceStub(self.channel)
 
     def metric(self, name: str, kind: str) -> float:
-        value = self.running.metrics.registry.get_sample_value(name, {"kind": kind})
+        value = self.running.app.metrics.registry.get_sample_value(name, {"kind": kind})
         return 0.0 if value is None else value
 
 
@@ -166,7 +166,7 @@ def test_limits_health_and_metrics_are_published(server):
     health = health_pb2_grpc.HealthStub(server.channel)
     status = health.Check(health_pb2.HealthCheckRequest(service="sam2serve.v1.PromptSegmentService"), timeout=10)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
-    registry = server.running.metrics.registry
+    registry = server.running.app.metrics.registry
     assert registry.get_sample_value("sam2serve_embedding_cache_budget_bytes") == 512 * 1024 * 1024
     assert server.metric("sam2serve_embedding_cache_bytes", "image") >= EMBEDDING_BYTES
     assert server.metric("sam2serve_embedding_cache_entries", "mask") >= 1

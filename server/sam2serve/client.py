@@ -22,16 +22,17 @@ Response = TypeVar("Response")
 OUTPUT_FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
 
 
-def image_input(image: str) -> dict[str, str | bytes]:
-    """The request's image field for a command-line argument: a URL the server fetches, or a file's bytes."""
+def set_image(request: pb.AutoSegmentRequest | pb.SegmentRequest, image: str) -> None:
+    """The request's image from a command-line argument: a URL the server fetches, or a file's bytes."""
     if image.startswith(("http://", "https://")):
-        return {"image_url": image}
-    return {"image_bytes": Path(image).read_bytes()}
+        request.image_url = image
+    else:
+        request.image_bytes = Path(image).read_bytes()
 
 
 def build_request(args: argparse.Namespace) -> pb.AutoSegmentRequest:
-    request = pb.AutoSegmentRequest(return_overlay=True, output_format=OUTPUT_FORMATS[args.format],
-                                    **image_input(args.image))
+    request = pb.AutoSegmentRequest(return_overlay=True, output_format=OUTPUT_FORMATS[args.format])
+    set_image(request, args.image)
     if args.points_per_side is not None:
         request.points_per_side = args.points_per_side
     if args.max_masks is not None:

@@ -11,8 +11,8 @@ import cv2
 import grpc
 import numpy as np
 
-from .amg.generator import MaskRecord
-from .client import OUTPUT_FORMATS, Metadata, call_server, image_input
+from .client import OUTPUT_FORMATS, Metadata, call_server, set_image
+from .domain import MaskRecord
 from .outputs import encode_image, overlay
 from .v1 import sam2serve_pb2 as pb
 from .v1 import sam2serve_pb2_grpc as pb_grpc
@@ -46,8 +46,10 @@ def parse_box(text: str) -> pb.BoxPrompt:
 
 
 def build_prompt_request(args: argparse.Namespace) -> pb.SegmentRequest:
-    return pb.SegmentRequest(points=args.point or [], boxes=args.box or [], multimask_output=not args.single_mask,
-                             output_format=OUTPUT_FORMATS[args.format], return_rle=True, **image_input(args.image))
+    request = pb.SegmentRequest(points=args.point or [], boxes=args.box or [], multimask_output=not args.single_mask,
+                                output_format=OUTPUT_FORMATS[args.format], return_rle=True)
+    set_image(request, args.image)
+    return request
 
 
 def prompt_overlay(rgb: np.ndarray, request: pb.SegmentRequest, response: pb.SegmentResponse) -> np.ndarray:

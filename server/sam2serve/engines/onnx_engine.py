@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .base import AllTokensEngine, DecodedMasks, ImageFeatures
+from .base import AllTokensEngine, DecodedMasks, EngineInfo, ImageFeatures, decoder_feeds, warn_if_untrained
 from .contract import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -29,8 +28,6 @@ from .manifest import (
 )
 from .mask_selection import select_multimask
 
-log = logging.getLogger(__name__)
-
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
                "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -47,6 +44,8 @@ def session_signature(args: list[ort.NodeArg]) -> list[TensorSpec]:
 
 class OnnxEngine(AllTokensEngine):
     """Opens a validated engine directory and runs its encoder/decoder as plain numpy in/out."""
+
+    backend = "onnxruntime"
 
     def __init__(
         self,
@@ -90,11 +89,7 @@ class OnnxEngine(AllTokensEngine):
         if self.manifest_split:
             self._prompt_head = self._open("prompt_head", options, PROMPT_HEAD_INPUTS, PROMPT_HEAD_OUTPUTS)
             self._mask_head = self._open("mask_head", options, MASK_HEAD_INPUTS, MASK_HEAD_OUTPUTS)
-        if not self.manifest.weights.trained:
-            log.warning(
-                "UNTRAINED WEIGHTS: engines in %s were exported from randomly initialised %s (seed %s); "
-                "their masks are meaningless", self.directory, self.manifest.model, self.manifest.weights.seed,
-            )
+        warn_if_untrained(self.directory, self.manifest)
         if warmup:
             self.warm_up()
 
@@ -118,6 +113,10 @@ class OnnxEngine(AllTokensEngine):
     def active_providers(self) -> list[str]:
         return self._decoder.get_providers()
 
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.backend, tuple(self.active_providers), self.manifest.weights.trained)
+
     def encode(self, image: np.ndarray) -> ImageFeatures:
         outputs = self._encoder.run(list(ENCODER_OUTPUTS), {"image": np.ascontiguousarray(image, np.float32)})
         return ImageFeatures(*outputs)
@@ -130,22 +129,23 @@ class OnnxEngine(AllTokensEngine):
         mask_input: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The raw graph: logits and IoU of every mask token, [B, T, 256, 256] and [B, T]."""
-        masks, iou = self._decoder.run(list(DECODER_OUTPUTS),
-                                       self._prompt_feeds(features, point_coords, point_labels, mask_input))
+        masks, iou = self._decoder.run(list(DECODER_OUTPUTS), decoder_feeds(
+            features, point_coords, point_labels, mask_input, self.manifest.low_res_mask_size))
         return masks, iou
 
     @property
     def can_skip_masks(self) -> bool:
-        """True when the split decoder is available (`decode_above`)."""
+        """True when the split decoder is loaded, so that `decode_above` skips the masks it need not make."""
         return self._prompt_head is not None
 
     def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
                      iou_threshold: float) -> DecodedMasks:
-        """Multimask decoding that makes masks only for prompts with some multimask IoU above `iou_threshold`;
-        the other prompts' logits are left at zero (callers filter them out by IoU)."""
-        assert self._prompt_head is not None and self._mask_head is not None
-        iou, mask_tokens, image_tokens = self._prompt_head.run(
-            list(PROMPT_HEAD_OUTPUTS), self._prompt_feeds(features, point_coords, point_labels, None))
+        """With the split decoder, masks only for prompts with some multimask IoU above `iou_threshold`; the
+        other prompts' logits are left at zero (callers filter them out by IoU)."""
+        if self._prompt_head is None or self._mask_head is None:
+            return super().decode_above(features, point_coords, point_labels, iou_threshold)
+        iou, mask_tokens, image_tokens = self._prompt_head.run(list(PROMPT_HEAD_OUTPUTS), decoder_feeds(
+            features, point_coords, point_labels, None, self.manifest.low_res_mask_size))
         size = self.manifest.low_res_mask_size
         masks = np.zeros((len(iou), iou.shape[1], size, size), np.float32)
         rows = np.flatnonzero((iou[:, 1:] > iou_threshold).any(axis=1))
@@ -154,25 +154,6 @@ class OnnxEngine(AllTokensEngine):
                 "image_tokens": image_tokens[rows], "mask_tokens": mask_tokens[rows],
                 "high_res_feats_0": features.high_res_feats_0, "high_res_feats_1": features.high_res_feats_1})[0]
         return DecodedMasks(*select_multimask(masks, iou))
-
-    def _prompt_feeds(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
-                      mask_input: np.ndarray | None) -> dict[str, np.ndarray]:
-        batch = point_coords.shape[0]
-        low_res = self.manifest.low_res_mask_size
-        if mask_input is None:
-            mask_input = np.zeros((batch, 1, low_res, low_res), np.float32)
-            has_mask = np.zeros(1, np.float32)
-        else:
-            has_mask = np.ones(1, np.float32)
-        return {
-            "image_embed": features.image_embed,
-            "high_res_feats_0": features.high_res_feats_0,
-            "high_res_feats_1": features.high_res_feats_1,
-            "point_coords": np.ascontiguousarray(point_coords, np.float32),
-            "point_labels": np.ascontiguousarray(point_labels, np.float32),
-            "mask_input": np.ascontiguousarray(mask_input, np.float32),
-            "has_mask_input": has_mask,
-        }
 
     def close(self) -> None:
         self._encoder = self._decoder = self._prompt_head = self._mask_head = None

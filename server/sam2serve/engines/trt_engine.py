@@ -9,7 +9,6 @@ Plans only run on the GPU model and TensorRT version they were built with, so th
 from __future__ import annotations
 
 import json
-import logging
 import re
 import subprocess
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import AllTokensEngine, ImageFeatures
+from .base import PER_PROMPT_INPUTS, AllTokensEngine, ImageFeatures, decoder_feeds, warn_if_untrained
 from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from .manifest import (
     Manifest,
@@ -31,8 +30,6 @@ from .manifest import (
     sha256_file,
     verify_engine_files,
 )
-
-log = logging.getLogger(__name__)
 
 TRT_DIR = "trt"
 TRT_MANIFEST_NAME = "trt_manifest.json"
@@ -295,6 +292,8 @@ class _PlanRunner:
 class TensorRTEngine(AllTokensEngine):
     """Opens an engine directory's TensorRT plans for this GPU; same interface as OnnxEngine."""
 
+    backend = "tensorrt"
+
     def __init__(
         self,
         directory: Path | str,
@@ -326,12 +325,7 @@ class TensorRTEngine(AllTokensEngine):
             self._encoder = self._open(trt, "encoder", ENCODER_INPUTS, ENCODER_OUTPUTS)
             self._decoder = self._open(trt, "decoder", DECODER_INPUTS, DECODER_OUTPUTS)
             _, _, (self.max_batch, self.max_points, _) = self._decoder.profile_shapes("point_coords")
-            if not self.manifest.weights.trained:
-                log.warning(
-                    "UNTRAINED WEIGHTS: engines in %s were exported from randomly initialised %s (seed %s); "
-                    "their masks are meaningless",
-                    self.directory, self.manifest.model, self.manifest.weights.seed,
-                )
+            warn_if_untrained(self.directory, self.manifest)
             if warmup:
                 self.warm_up()
         except BaseException:
@@ -399,24 +393,15 @@ class TensorRTEngine(AllTokensEngine):
             raise ValueError(
                 f"{points} points per prompt; the TensorRT plan was built for at most {self.max_points}"
             )
-        low_res = self.manifest.low_res_mask_size
-        has_mask = np.array([0.0 if mask_input is None else 1.0], np.float32)
-        if mask_input is None:
-            mask_input = np.zeros((batch, 1, low_res, low_res), np.float32)
-        shared = {name: getattr(features, name) for name in FEATURE_NAMES}
+        feeds = decoder_feeds(features, point_coords, point_labels, mask_input, self.manifest.low_res_mask_size)
         masks, iou = [], []
         with self._lock:
             decoder = self._runner("decoder")
             for start in range(0, batch, self.max_batch):
                 chunk = slice(start, start + self.max_batch)
-                feeds = {
-                    **shared,
-                    "point_coords": point_coords[chunk],
-                    "point_labels": point_labels[chunk],
-                    "mask_input": mask_input[chunk],
-                    "has_mask_input": has_mask,
-                }
-                chunk_masks, chunk_iou = decoder.run(feeds, keep=frozenset(FEATURE_NAMES))
+                chunk_feeds = {name: value[chunk] if name in PER_PROMPT_INPUTS else value
+                               for name, value in feeds.items()}
+                chunk_masks, chunk_iou = decoder.run(chunk_feeds, keep=frozenset(FEATURE_NAMES))
                 masks.append(chunk_masks)
                 iou.append(chunk_iou)
         if len(masks) == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +72,7 @@ class PredictedMask:
     bbox: list[int]  # XYWH; empty for an empty mask
     logits_id: str  # mask_input_id that refines this mask
     image: EncodedImage | None = None
-    rle: dict[str, object] | None = None
+    rle: dict[str, Any] | None = None  # {"size": [H, W], "counts": str}
 
 
 @dataclass

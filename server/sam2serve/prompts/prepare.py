@@ -26,7 +26,7 @@ def decoder_prompts(points: tuple[PointPrompt, ...], boxes: tuple[BoxPrompt, ...
         corners = np.array([[[b.x_min, b.y_min], [b.x_max, b.y_max]] for b in boxes], np.float32)
         rows = len(boxes)
         coords = np.concatenate([corners, np.broadcast_to(clicks, (rows, *clicks.shape))], axis=1)
-        labels = np.concatenate([np.broadcast_to(np.float32(BOX_CORNER_LABELS), (rows, 2)),
+        labels = np.concatenate([np.broadcast_to(np.array(BOX_CORNER_LABELS, np.float32), (rows, 2)),
                                  np.broadcast_to(click_labels, (rows, len(click_labels)))], axis=1)
     else:
         coords, labels = clicks[None], click_labels[None]

@@ -49,7 +49,7 @@ def to_prompt_response(outcome: PromptOutcome, model: pb.ModelInfo) -> pb.Segmen
             if m.image is not None:
                 mask.image.CopyFrom(to_image(m.image))
             if m.rle is not None:
-                mask.rle.CopyFrom(pb.Rle(size=list(m.rle["size"]), counts=str(m.rle["counts"])))  # type: ignore
+                mask.rle.CopyFrom(pb.Rle(size=list(m.rle["size"]), counts=str(m.rle["counts"])))
             masks.append(mask)
         results.append(pb.PromptSetResult(masks=masks, best_index=result.best_index))
     image = outcome.image

@@ -170,8 +170,9 @@ def test_limits_health_and_metrics_are_published(server):
     assert registry.get_sample_value("sam2serve_embedding_cache_budget_bytes") == 512 * 1024 * 1024
     assert server.metric("sam2serve_embedding_cache_bytes", "image") >= EMBEDDING_BYTES
     assert server.metric("sam2serve_embedding_cache_entries", "mask") >= 1
-    assert registry.get_sample_value("sam2serve_requests_total", {"rpc": "Segment", "code": "OK"}) >= 1
-    assert registry.get_sample_value("sam2serve_requests_total", {"rpc": "Segment", "code": "NOT_FOUND"}) >= 1
+    for code in ("OK", "NOT_FOUND"):
+        labels = {"rpc": "Segment", "code": code, "protocol": "grpc"}
+        assert registry.get_sample_value("sam2serve_requests_total", labels) >= 1
 
 
 def test_eviction_under_the_byte_budget_makes_old_ids_not_found(tiny_engine):

@@ -48,6 +48,15 @@ class MaskOutputs:
 
 
 @dataclass(frozen=True)
+class PromptFields:
+    """What the caller's protocol names the point and box lists (gRPC's `points`/`boxes`, fal's
+    `prompts`/`box_prompts`): error messages and the field of InvalidInput (fal's 422 `loc`) use them."""
+
+    points: str = "points"
+    boxes: str = "boxes"
+
+
+@dataclass(frozen=True)
 class PromptRequest:
     image: ImageSource
     points: tuple[PointPrompt, ...] = ()
@@ -55,6 +64,7 @@ class PromptRequest:
     mask_input_id: str = ""  # `PredictedMask.logits_id` of an earlier call on the same image
     multimask: bool = True  # SAM2ImagePredictor.predict's default
     outputs: MaskOutputs = MaskOutputs()
+    fields: PromptFields = PromptFields()
 
 
 @dataclass(frozen=True)

@@ -251,9 +251,9 @@ def test_workers_run_off_the_loop_bound_the_calls_and_refuse_while_draining():
 
 # -- fal's prompted endpoint -------------------------------------------------------------------------------
 def test_fal_input_becomes_one_single_mask_prediction():
-    from sam2serve.prompts.fal import from_fal_input
+    from sam2serve.transport.fal.image_schema import to_prompt_request
 
-    request, options = from_fal_input({
+    request, options = to_prompt_request({
         "image_url": "https://example.com/truck.jpg", "prompts": [{"x": 500, "y": 375, "label": 1}, {"x": 1, "y": 2}],
         "box_prompts": [{"x_min": 425, "y_min": 600, "x_max": 700, "y_max": 875}], "apply_mask": True,
         "output_format": "webp"})
@@ -261,7 +261,7 @@ def test_fal_input_becomes_one_single_mask_prediction():
     assert request.points == (PointPrompt(500, 375, 1), PointPrompt(1, 2, 1))  # fal's label defaults to 1
     assert request.boxes == (BoxPrompt(425, 600, 700, 875),) and not request.outputs.images
     assert (options.apply_mask, options.sync_mode, options.output_format) == (True, False, "webp")
-    data_uri, _ = from_fal_input({"image_url": "data:image/png;base64,AAAA", "prompts": [{"x": 1, "y": 1}]})
+    data_uri, _ = to_prompt_request({"image_url": "data:image/png;base64,AAAA", "prompts": [{"x": 1, "y": 1}]})
     assert data_uri.image.kind == "data_uri"
 
 
@@ -275,15 +275,15 @@ def test_fal_input_becomes_one_single_mask_prediction():
     ({"image_url": "https://e.com/a.png", "apply_mask": "yes"}, "apply_mask must be true or false"),
 ])
 def test_fal_input_errors_name_the_field(payload, message):
-    from sam2serve.prompts.fal import from_fal_input
+    from sam2serve.transport.fal.image_schema import to_prompt_request
 
     with pytest.raises(InvalidInput, match=message):
-        from_fal_input(payload)
+        to_prompt_request(payload)
 
 
-def test_fal_image_is_the_union_of_best_masks_or_the_photo_with_it_applied():
+def test_fals_image_is_the_union_of_best_masks_or_the_photo_with_it_applied():
     from sam2serve.prompts import EmbeddedImage, PredictedMask, PromptOutcome, PromptSetResult
-    from sam2serve.prompts.fal import FalImageOptions, fal_image
+    from sam2serve.transport.fal.image_schema import ImageOptions, output_image
 
     rgb = np.full((20, 30, 3), 200, np.uint8)
     left, right, ignored = (np.zeros((20, 30), bool) for _ in range(3))
@@ -294,14 +294,14 @@ def test_fal_image_is_the_union_of_best_masks_or_the_photo_with_it_applied():
 
     outcome = PromptOutcome(EmbeddedImage("0" * 64, 30, 20, True, rgb), [
         PromptSetResult([mask(ignored, 0.1), mask(left, 0.9)]), PromptSetResult([mask(right, 0.5)])])
-    picture = fal_image(outcome, FalImageOptions(output_format="png"))
+    picture = output_image(outcome, ImageOptions(output_format="png"))
     decoded = cv2.imdecode(np.frombuffer(picture.data, np.uint8), cv2.IMREAD_UNCHANGED)
     np.testing.assert_array_equal(decoded > 0, left | right)
-    applied = fal_image(outcome, FalImageOptions(apply_mask=True, output_format="webp"))
+    applied = output_image(outcome, ImageOptions(apply_mask=True, output_format="webp"))
     bgra = cv2.imdecode(np.frombuffer(applied.data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert bgra.shape == (20, 30, 4) and applied.content_type == "image/webp"
     np.testing.assert_array_equal(bgra[..., 3] > 0, left | right)
     assert (bgra[left][:, :3] == 200).all()
-    jpeg = fal_image(outcome, FalImageOptions(apply_mask=True, output_format="jpeg"))
+    jpeg = output_image(outcome, ImageOptions(apply_mask=True, output_format="jpeg"))
     bgr = cv2.imdecode(np.frombuffer(jpeg.data, np.uint8), cv2.IMREAD_COLOR)
     assert bgr[0, 0].max() < 30 and bgr[4, 4].min() > 170  # black outside, the photo inside

@@ -42,7 +42,8 @@ def compare(graph: str, case: str, names: tuple[str, ...], ref: list[np.ndarray]
 
 def verify_engines(model: torch.nn.Module, engine_dir: Path, image: np.ndarray, image_label: str,
                    seed: int = 0) -> list[ParityRow]:
-    """Torch vs ONNX Runtime on random inputs and on `image` (RGB uint8), through our runtime."""
+    """Torch vs ONNX Runtime on random inputs and on `image` (RGB uint8), through our runtime; then Meta's
+    SAM2ImagePredictor.predict vs our prompt data plane on `image` (points, boxes, refinement)."""
     engine = OnnxEngine(engine_dir, providers=["CPUExecutionProvider"], warmup=False)
     rows: list[ParityRow] = []
     encoder, decoder = ImageEncoder(model).eval(), PromptDecoder(model).eval()
@@ -65,7 +66,15 @@ def verify_engines(model: torch.nn.Module, engine_dir: Path, image: np.ndarray, 
         case = f"random B={batch}" + (" +mask" if with_mask else "")
         rows += compare("decoder", case, ("masks", "iou_predictions"), ref, list(got), ("masks",))
 
-    rows += _predictor_parity(model, engine, image, image_label)
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from .prompt_parity import prompt_parity  # it builds on this module's rows
+
+    predictor = SAM2ImagePredictor(model)
+    with torch.no_grad():
+        predictor.set_image(image)
+    rows += _predictor_parity(predictor, engine, image, image_label)
+    rows += prompt_parity(predictor, engine, image, image_label)
     return rows
 
 
@@ -76,15 +85,10 @@ def _features(f: object) -> list[np.ndarray]:
     return [f.image_embed, f.high_res_feats_0, f.high_res_feats_1]  # type: ignore[attr-defined]
 
 
-def _predictor_parity(model: torch.nn.Module, engine: OnnxEngine, image: np.ndarray,
+def _predictor_parity(predictor: object, engine: OnnxEngine, image: np.ndarray,
                       label: str) -> list[ParityRow]:
-    """Meta's SAM2ImagePredictor (its own preprocessing, encoder, prompt handling, mask selection) vs our
-    preprocessing + engines + mask selection, on a 4×4 grid of single-point prompts."""
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-    predictor = SAM2ImagePredictor(model)
-    with torch.no_grad():
-        predictor.set_image(image)
+    """Meta's SAM2ImagePredictor (its own preprocessing, encoder, prompt handling, mask selection; `image` set)
+    vs our preprocessing + engines + mask selection, on a 4×4 grid of single-point prompts."""
     m = engine.manifest
     feats = engine.encode(to_model_input(image, m.image_size, m.pixel_mean, m.pixel_std))
     ref_feats = [predictor._features["image_embed"], *predictor._features["high_res_feats"]]
@@ -109,12 +113,12 @@ def _predictor_parity(model: torch.nn.Module, engine: OnnxEngine, image: np.ndar
 
 
 def format_table(rows: list[ParityRow], tolerance: float = DEFAULT_TOLERANCE) -> str:
-    header = f"{'graph':8} {'case':44} {'output':17} {'max abs':>10} {'relative':>10} {'sign flips':>10}  ok"
+    header = f"{'graph':8} {'case':52} {'output':17} {'max abs':>10} {'relative':>10} {'sign flips':>10}  ok"
     lines = [header, "-" * len(header)]
     for r in rows:
         flips = f"{r.sign_flips:.1e}" if r.sign_flips is not None else "-"
         ok = "yes" if r.relative <= tolerance else "NO"
-        lines.append(f"{r.graph:8} {r.case:44} {r.output:17} {r.max_abs:10.2e} {r.relative:10.2e} {flips:>10}  {ok}")
+        lines.append(f"{r.graph:8} {r.case:52} {r.output:17} {r.max_abs:10.2e} {r.relative:10.2e} {flips:>10}  {ok}")
     return "\n".join(lines)
 
 

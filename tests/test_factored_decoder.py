@@ -165,7 +165,8 @@ def test_layer1_image_update_is_low_rank_and_its_layernorm_expands(traced):
     var = z.var(-1, unbiased=False)
     assert relative(trace["inv1"], torch.rsqrt(var + l1.norm4.eps)) < EXACT
     y = _image_part(decoder, feats)
-    rows = (y * l1.norm4.weight) * trace["inv1"][..., None] + trace["a1s"].transpose(1, 2) @ trace["gm1"] + l1.norm4.bias
+    low_rank = trace["a1s"].transpose(1, 2) @ trace["gm1"]
+    rows = (y * l1.norm4.weight) * trace["inv1"][..., None] + low_rank + l1.norm4.bias
     assert relative(rows, meta["layer0"][1]) < EXACT
     assert trace["a1s"].shape[1] == 8 * (6 + 2 + 2 + 1)  # heads × tokens: 6 output tokens, 2 corners, 2 points, pad
 

@@ -132,8 +132,10 @@ def test_build_writes_plans_and_manifest(trt_engine_dir: Path) -> None:
     info = json.loads((plan_dir / TRT_MANIFEST_NAME).read_text())
     manifest = read_manifest(trt_engine_dir)
     assert info["key"] == key and info["tensorrt"] == tensorrt.__version__ and info["fp16"] is False
-    assert info["profile"] == {"batch": [1, 64, MAX_BATCH], "points": [1, 1, MAX_POINTS]}
-    for role in ("encoder", "decoder"):
+    rank = info["profile"]["rank"]  # the prompt head's state: 2 · 8 heads · (7 tokens + points)
+    assert info["profile"] == {"batch": [1, 64, MAX_BATCH], "points": [1, 1, MAX_POINTS], "rank": rank}
+    assert rank == [16 * 8, 16 * 8, 16 * (7 + MAX_POINTS)]
+    for role in ("encoder", "decoder", "decoder_context", "prompt_head", "mask_head"):
         plan = info["plans"][role]
         assert plan["sha256"] == sha256_file(plan_dir / plan["file"])
         assert plan["onnx_sha256"] == manifest.engine_file(role).sha256
@@ -163,6 +165,27 @@ def test_decoder_matches_onnx_runtime(engines, features, batch: int) -> None:
     assert tensorrt.decode(features, coords, labels).low_res_logits.shape == (batch, 3, 256, 256)
     single = tensorrt.decode(features, coords, labels, multimask=False)
     assert single.low_res_logits.shape == (batch, 1, 256, 256) and single.iou_predictions.shape == (batch, 1)
+
+
+@pytest.mark.gpu
+@needs_tensorrt_gpu
+def test_factored_decoder_plans_match_onnx_runtime(engines, features) -> None:
+    """Without a mask input both engines run the factored decoder; decode_above makes the same survivors' masks
+    and batches above the plan's profile run in chunks."""
+    tensorrt, reference = engines
+    assert tensorrt.factored is not None and tensorrt.can_skip_masks
+    batch = MAX_BATCH + 5
+    coords, labels = _prompts(batch, 3, seed=11)
+    got = tensorrt.decode_all_tokens(features, coords, labels)
+    want = reference.decode_all_tokens(features, coords, labels)
+    for g, w in zip(got, want, strict=True):
+        assert max_relative_error(g, w) < 1e-3
+    threshold = float(np.median(want[1][:, 1:].max(axis=1)))
+    above = tensorrt.decode_above(features, coords, labels, threshold)
+    needed = (want[1][:, 1:] > threshold).any(axis=1)
+    assert max_relative_error(above.low_res_logits[needed], want[0][needed, 1:]) < 1e-3
+    assert not above.low_res_logits[~needed].any()
+    assert tensorrt.factored.stats.masked_prompts >= needed.sum()
 
 
 @pytest.mark.gpu

@@ -143,10 +143,10 @@ class DecoderContext(nn.Module):
         final_keys_pe = _heads_t(fa.k_proj(pos + b2), heads)
         final_values_img = _heads(gw @ fa.v_proj.weight.t(), heads)
 
-        dc1, ln1, _, dc2, _ = md.output_upscaling
+        dc1, _ln1, _, dc2, _ = md.output_upscaling
         d1 = _conv_t_matrix(dc1.weight)  # [C, 4·C/4]: (dy, dx, channel) per input position
         dc1_img = (gw @ d1).reshape(-1, 4, c // 4)  # [N, (dy, dx), C/4]
-        side = int(math.isqrt(x0.shape[0]))
+        side = math.isqrt(x0.shape[0])
         f1 = high_res_feats_1[0]
         f1 = f1.reshape(c // 4, side, 2, side, 2).permute(1, 3, 2, 4, 0).reshape(side * side, 4 * (c // 4))
         dc1_bias = (f1 + b2 @ d1 + dc1.bias.repeat(4)).reshape(-1, c // 4)
@@ -278,8 +278,8 @@ class FactoredTransformer(nn.Module):
         return queries, tokens, coeffs, torch.stack([inv1, inv2], dim=1), mix
 
 
-def final_attention(md: nn.Module, final_ctx: tuple[torch.Tensor, ...], queries: torch.Tensor,
-                    query_pe: torch.Tensor, coeffs: torch.Tensor, inv_std: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+def final_attention(md: nn.Module, final_ctx: tuple[torch.Tensor, ...], queries: torch.Tensor, query_pe: torch.Tensor,
+                    coeffs: torch.Tensor, inv_std: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """The final token→image attention + norm for the given tokens (queries, query_pe [B, Tq, C]), on layer 2's
     image tokens: rows γ2·(w·inv1 + coeffsᵀ mix)·inv2 + β2. `final_ctx`: the context's final_* tensors."""
     final_keys_img, final_keys_pe, final_values_img = final_ctx
@@ -363,7 +363,7 @@ class FactoredMaskHead(nn.Module):
             trace.update(final_mask_tokens=final, dc1=up)
         up = gelu(F.layer_norm(up, ln1.weight.shape, ln1.weight, ln1.bias, ln1.eps))
         up = gelu(up @ _conv_t_matrix(dc2.weight) + dc2_bias)  # [B, 4N, (dy, dx, C/8)]
-        side = int(math.isqrt(n))
+        side = math.isqrt(n)
         logits = up.reshape(b, 16 * n, -1) @ hyper.transpose(1, 2)  # [B, pixels, M]
         logits = logits.reshape(b, side, side, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
         return logits.reshape(b, m, 4 * side, 4 * side)

@@ -72,9 +72,10 @@ class PromptDecoder(nn.Module):
 
 
 def example_decoder_inputs(
-    model: nn.Module, batch: int, points: int, seed: int = 0, with_mask: bool = False
+    model: nn.Module, batch: int, points: int, seed: int = 0, with_mask: bool = False, box: bool = False
 ) -> tuple[torch.Tensor, ...]:
-    """Random but well-formed decoder inputs (features of the right scale, prompts inside the frame)."""
+    """Random but well-formed decoder inputs (features of the right scale, prompts inside the frame). With `box`,
+    each prompt starts with a box's corners labelled 2 and 3, as SAM2ImagePredictor._predict puts them."""
     g = torch.Generator().manual_seed(seed)
     dim = model.sam_prompt_encoder.embed_dim
     hr0 = model.sam_mask_decoder.conv_s0.out_channels
@@ -82,6 +83,10 @@ def example_decoder_inputs(
     coords = torch.rand(batch, points, 2, generator=g) * 1024.0
     labels = torch.randint(0, 2, (batch, points), generator=g).to(torch.float32)
     labels[:, 0] = 1.0
+    if box:
+        corners = torch.sort(torch.rand(batch, 2, 2, generator=g) * 1024.0, dim=1).values
+        coords = torch.cat([corners, coords], dim=1)
+        labels = torch.cat([torch.tensor([[2.0, 3.0]]).expand(batch, 2), labels], dim=1)
     mask_input = torch.randn(batch, 1, 256, 256, generator=g) * 4.0
     return (
         torch.randn(1, dim, 64, 64, generator=g),

@@ -89,14 +89,15 @@ class FactoredDecoder:
 
     def __init__(self, manifest: Manifest, run_context: RunGraph, run_prompt: RunGraph, run_mask: RunGraph,
                  context_outputs: list[str], prompt_inputs: list[str], mask_inputs: list[str],
-                 memory_bytes: int = DEFAULT_DECODER_MEMORY) -> None:
+                 memory_bytes: int = DEFAULT_DECODER_MEMORY, max_batch: int = 64) -> None:
+        """`max_batch`: the largest batch a head accepts (a TensorRT plan's profile); memory bounds it further."""
         self.manifest = manifest
         self._run_context, self._run_prompt, self._run_mask = run_context, run_prompt, run_mask
         self._context_outputs = context_outputs
         self._prompt_context = [n for n in prompt_inputs if n in set(context_outputs)]
         self._mask_context = [n for n in mask_inputs if n in set(context_outputs)]
-        self.prompt_batch = batch_for_memory(memory_bytes, PROMPT_HEAD_BYTES_PER_PROMPT)
-        self.mask_batch = batch_for_memory(memory_bytes, MASK_HEAD_BYTES_PER_PROMPT)
+        self.prompt_batch = batch_for_memory(memory_bytes, PROMPT_HEAD_BYTES_PER_PROMPT, max_batch)
+        self.mask_batch = batch_for_memory(memory_bytes, MASK_HEAD_BYTES_PER_PROMPT, max_batch)
         self.stats = DecoderStats()
         self._contexts: dict[int, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()

@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,8 +90,10 @@ class FactoredDecoder:
 
     def __init__(self, manifest: Manifest, run_context: RunGraph, run_prompt: RunGraph, run_mask: RunGraph,
                  context_outputs: list[str], prompt_inputs: list[str], mask_inputs: list[str],
-                 memory_bytes: int = DEFAULT_DECODER_MEMORY, max_batch: int = 64) -> None:
-        """`max_batch`: the largest batch a head accepts (a TensorRT plan's profile); memory bounds it further."""
+                 memory_bytes: int = DEFAULT_DECODER_MEMORY, max_batch: int = 64, workers: int = 1) -> None:
+        """`max_batch`: the largest batch a head accepts (a TensorRT plan's profile); memory bounds it further.
+        `workers` > 1 runs a call's batches on that many threads at once (sessions of one thread each: many
+        small memory-bound operators scale better across runs than within one)."""
         self.manifest = manifest
         self._run_context, self._run_prompt, self._run_mask = run_context, run_prompt, run_mask
         self._context_outputs = context_outputs
@@ -99,8 +102,20 @@ class FactoredDecoder:
         self.prompt_batch = batch_for_memory(memory_bytes, PROMPT_HEAD_BYTES_PER_PROMPT, max_batch)
         self.mask_batch = batch_for_memory(memory_bytes, MASK_HEAD_BYTES_PER_PROMPT, max_batch)
         self.stats = DecoderStats()
+        self.workers = max(1, workers)
+        self._pool = ThreadPoolExecutor(self.workers, "sam2serve-decoder") if self.workers > 1 else None
         self._contexts: dict[int, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
+
+    def _batches(self, count: int, batch: int) -> list[slice]:
+        """Slices of at most `batch` prompts, at least one per worker when there are enough prompts."""
+        size = max(1, min(batch, -(-count // self.workers)))
+        return [slice(first, min(first + size, count)) for first in range(0, count, size)]
+
+    def _run_all(self, run: RunGraph, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        if self._pool is None or len(feeds) == 1:
+            return [run(f) for f in feeds]
+        return list(self._pool.map(run, feeds))
 
     def context(self, features: ImageFeatures) -> dict[str, np.ndarray]:
         """The decoder context of these features, computed on first use and dropped with the features."""
@@ -130,11 +145,10 @@ class FactoredDecoder:
         shared = {name: context[name] for name in self._prompt_context}
         coords = np.ascontiguousarray(point_coords, np.float32)
         labels = np.ascontiguousarray(point_labels, np.float32)
-        chunks = []
         start = time.perf_counter()
-        for first in range(0, len(coords), self.prompt_batch):
-            rows = slice(first, first + self.prompt_batch)
-            chunks.append(self._run_prompt({**shared, PROMPT_INPUTS[0]: coords[rows], PROMPT_INPUTS[1]: labels[rows]}))
+        feeds = [{**shared, PROMPT_INPUTS[0]: coords[rows], PROMPT_INPUTS[1]: labels[rows]}
+                 for rows in self._batches(len(coords), self.prompt_batch)]
+        chunks = self._run_all(self._run_prompt, feeds)
         self.stats.add("prompt_head", time.perf_counter() - start, len(coords))
         outputs = chunks[0] if len(chunks) == 1 else [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
         iou, *state = outputs
@@ -147,10 +161,11 @@ class FactoredDecoder:
         size = self.manifest.low_res_mask_size
         masks = np.empty((len(rows), self.manifest.mask_tokens, size, size), np.float32)
         start = time.perf_counter()
-        for first in range(0, len(rows), self.mask_batch):
-            chunk = rows[first:first + self.mask_batch]
-            feeds = {**shared, **{name: state[name][chunk] for name in PROMPT_STATE}}
-            masks[first:first + len(chunk)] = self._run_mask(feeds)[0]
+        batches = self._batches(len(rows), self.mask_batch)
+        outputs = self._run_all(self._run_mask, [{**shared, **{name: state[name][rows[b]] for name in PROMPT_STATE}}
+                                                 for b in batches])
+        for b, out in zip(batches, outputs, strict=True):
+            masks[b] = out[0]
         self.stats.add("mask_head", time.perf_counter() - start, len(rows))
         return masks
 
@@ -175,3 +190,28 @@ class FactoredDecoder:
         if len(rows):
             masks[rows] = self.mask_head(features, state, rows)
         return DecodedMasks(*select_multimask(masks, iou))
+
+
+class FactoredDecoding:
+    """What an engine with a factored decoder adds to `Engine`: `decode_above`, and `factored` for stats."""
+
+    _factored: FactoredDecoder | None = None
+
+    @property
+    def factored(self) -> FactoredDecoder | None:
+        """The factored decoder, when the engine has one."""
+        return self._factored
+
+    @property
+    def can_skip_masks(self) -> bool:
+        """True when masks can be made for some prompts only (`decode_above`)."""
+        return self._factored is not None
+
+    def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
+                     iou_threshold: float) -> DecodedMasks:
+        """Multimask decoding that makes masks only for prompts with some multimask IoU above `iou_threshold`;
+        the other prompts' logits are left at zero (callers filter them out by IoU)."""
+        if self._factored is None:
+            raise RuntimeError("these engines have no factored decoder (exported, or TensorRT plans built, before "
+                               "it existed); use decode()")
+        return self._factored.decode_above(features, point_coords, point_labels, iou_threshold)

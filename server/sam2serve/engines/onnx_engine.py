@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .base import AllTokensEngine, DecodedMasks, ImageFeatures
+from .base import AllTokensEngine, ImageFeatures
 from .contract import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -17,7 +17,7 @@ from .contract import (
     ENCODER_OUTPUTS,
     FACTORED_ROLES,
 )
-from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, check_factored_graphs
+from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, FactoredDecoding, check_factored_graphs
 from .manifest import (
     Manifest,
     ManifestError,
@@ -43,7 +43,7 @@ def session_signature(args: list[ort.NodeArg]) -> list[TensorSpec]:
     return [TensorSpec(a.name, _ORT_DTYPES.get(a.type, a.type), list(a.shape)) for a in args]
 
 
-class OnnxEngine(AllTokensEngine):
+class OnnxEngine(FactoredDecoding, AllTokensEngine):
     """Opens a validated engine directory and runs its encoder/decoder as plain numpy in/out."""
 
     def __init__(
@@ -57,9 +57,11 @@ class OnnxEngine(AllTokensEngine):
         decoder_mem_arena: bool = True,
         factored: bool = True,
         decoder_memory_bytes: int = DEFAULT_DECODER_MEMORY,
+        head_workers: int = 1,
     ) -> None:
         """`factored=False` runs every prompt through decoder.onnx (as engine directories exported before the
-        factored decoder do); `decoder_memory_bytes` bounds the working memory of a factored head's batch."""
+        factored decoder do); `decoder_memory_bytes` bounds the working memory of a factored head's batch;
+        `head_workers` > 1 runs the factored heads' batches that many at a time, one thread each."""
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory)
         has_factored = set(FACTORED_ROLES) <= set(self.manifest.engines)
@@ -93,7 +95,9 @@ class OnnxEngine(AllTokensEngine):
         self._decoder = self._open("decoder", options, DECODER_INPUTS, DECODER_OUTPUTS)
         self._factored: FactoredDecoder | None = None
         if factored and has_factored:
-            self._factored = self._open_factored(options, decoder_memory_bytes)
+            if head_workers > 1:
+                options.intra_op_num_threads = 1
+            self._factored = self._open_factored(options, decoder_memory_bytes, head_workers)
         if not self.manifest.weights.trained:
             log.warning(
                 "UNTRAINED WEIGHTS: engines in %s were exported from randomly initialised %s (seed %s); "
@@ -102,7 +106,7 @@ class OnnxEngine(AllTokensEngine):
         if warmup:
             self.warm_up()
 
-    def _open_factored(self, options: ort.SessionOptions, memory_bytes: int) -> FactoredDecoder:
+    def _open_factored(self, options: ort.SessionOptions, memory_bytes: int, workers: int) -> FactoredDecoder:
         context, prompt, mask = (self._open(role, options) for role in FACTORED_ROLES)
         names = [[a.name for a in args] for args in (context.get_outputs(), prompt.get_inputs(),
                                                      prompt.get_outputs(), mask.get_inputs(), mask.get_outputs())]
@@ -112,7 +116,7 @@ class OnnxEngine(AllTokensEngine):
             return lambda feeds: session.run(None, feeds)
 
         return FactoredDecoder(self.manifest, runner(context), runner(prompt), runner(mask), names[0], names[1],
-                               names[3], memory_bytes)
+                               names[3], memory_bytes, workers=workers)
 
     def _open(self, role: str, options: ort.SessionOptions, inputs: tuple[str, ...] | None = None,
               outputs: tuple[str, ...] | None = None) -> ort.InferenceSession:
@@ -154,24 +158,6 @@ class OnnxEngine(AllTokensEngine):
         masks, iou = self._decoder.run(list(DECODER_OUTPUTS),
                                        self._prompt_feeds(features, point_coords, point_labels, mask_input))
         return masks, iou
-
-    @property
-    def factored(self) -> FactoredDecoder | None:
-        """The factored decoder, when the engine directory has one."""
-        return self._factored
-
-    @property
-    def can_skip_masks(self) -> bool:
-        """True when masks can be made for some prompts only (`decode_above`)."""
-        return self._factored is not None
-
-    def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
-                     iou_threshold: float) -> DecodedMasks:
-        """Multimask decoding that makes masks only for prompts with some multimask IoU above `iou_threshold`;
-        the other prompts' logits are left at zero (callers filter them out by IoU)."""
-        if self._factored is None:
-            raise RuntimeError(f"{self.directory} has no factored decoder; use decode()")
-        return self._factored.decode_above(features, point_coords, point_labels, iou_threshold)
 
     def _prompt_feeds(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
                       mask_input: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import AllTokensEngine, DecodedMasks, ImageFeatures
+from .base import AllTokensEngine, ImageFeatures
 from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, FACTORED_ROLES
-from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, check_factored_graphs
+from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, FactoredDecoding, check_factored_graphs
 from .manifest import (
     Manifest,
     ManifestError,
@@ -301,7 +301,7 @@ class _PlanRunner:
         self._buffers.free()
 
 
-class TensorRTEngine(AllTokensEngine):
+class TensorRTEngine(FactoredDecoding, AllTokensEngine):
     """Opens an engine directory's TensorRT plans for this GPU; same interface as OnnxEngine."""
 
     def __init__(
@@ -478,22 +478,6 @@ class TensorRTEngine(AllTokensEngine):
         if len(masks) == 1:
             return masks[0], iou[0]
         return np.concatenate(masks), np.concatenate(iou)
-
-    @property
-    def factored(self) -> FactoredDecoder | None:
-        return self._factored
-
-    @property
-    def can_skip_masks(self) -> bool:
-        """True when masks can be made for some prompts only (`decode_above`)."""
-        return self._factored is not None
-
-    def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
-                     iou_threshold: float) -> DecodedMasks:
-        """Multimask outputs with logits only for prompts with a multimask IoU above `iou_threshold`."""
-        if self._factored is None:
-            raise RuntimeError(f"the TensorRT plans in {self.plan_dir} have no factored decoder; use decode()")
-        return self._factored.decode_above(features, point_coords, point_labels, iou_threshold)
 
     def close(self) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ def test_parity_with_torch_and_metas_predictor_on_a_synthetic_image(tiny_model, 
 
     rows = verify_engines(tiny_model, tiny_engine_dir, synthetic_scene(), "synthetic")
     cases = {(r.graph, r.case) for r in rows}
-    for batch in (1, 64, 257):
+    for batch in (1, 257):
         assert ("factored", f"random B={batch} P=1") in cases
     assert ("factored", "random B=64 P=3") in cases and ("factored", "random B=16 P=2 +box") in cases
     assert ("decoder", "random B=8 +mask") in cases

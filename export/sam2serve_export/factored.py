@@ -358,7 +358,8 @@ class FactoredMaskHead(nn.Module):
         # dc1 of layer 2's image tokens, per position: ((w γ2) D inv1 + coeffs @ mix γ2 D) inv2 + β2 D + bias
         # coeffs transposed explicitly, then scaled: MatMul on a transposed left operand is slow in ONNX Runtime
         low = ((coeffs.transpose(1, 2) * inv2) @ mix_d).reshape(b, 4 * n, -1)
-        up = ((inv1 * inv2)[..., None] * dc1_img).reshape(b, 4 * n, -1) + low + dc1_bias  # [B, (N, dy, dx), C/4]
+        # Summed in this order so that ONNX Runtime fuses the last addition into the LayerNorm (SkipLayerNorm).
+        up = (((inv1 * inv2)[..., None] * dc1_img).reshape(b, 4 * n, -1) + dc1_bias) + low  # [B, (N, dy, dx), C/4]
         if trace is not None:
             trace.update(final_mask_tokens=final, dc1=up)
         up = gelu(F.layer_norm(up, ln1.weight.shape, ln1.weight, ln1.bias, ln1.eps))

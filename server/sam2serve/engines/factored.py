@@ -31,10 +31,10 @@ from .mask_selection import select_multimask, select_tokens
 # A backend's way to run one graph: named inputs → outputs in the graph's declared order.
 RunGraph = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 
-# Working memory per prompt in a head's batch on ONNX Runtime's CPU provider (measured with hiera tiny, one point:
-# the prompt head keeps ≈ 12 score-sized [H·T, 64·64] tensors alive, the mask head ≈ 3 [4·64·64, 128] maps).
-PROMPT_HEAD_BYTES_PER_PROMPT = 24 << 20
-MASK_HEAD_BYTES_PER_PROMPT = 48 << 20
+# Working memory per prompt in a head's batch on ONNX Runtime's CPU provider: peak RSS growth measured with hiera
+# tiny, one point per prompt, batches of 8 and 32 (16 MB and 57 MB: the mask head's [4·64·64, 128] maps are 8 MB).
+PROMPT_HEAD_BYTES_PER_PROMPT = 20 << 20
+MASK_HEAD_BYTES_PER_PROMPT = 60 << 20
 DEFAULT_DECODER_MEMORY = 512 << 20
 
 

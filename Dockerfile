@@ -1,11 +1,15 @@
 # syntax=docker/dockerfile:1
-# sam2serve container images. Not built in this project's CI (there is no Docker engine there), so it is
-# kept deliberately simple; helm/sam2serve is written against it (uid 10001, ports, entrypoint, /engines).
+# sam2serve container images. CI builds the server target with podman and runs it as the Helm chart does
+# (.ci/image, tests/test_container.py); helm/sam2serve is written against it (uid 10001, ports, entrypoint,
+# SAM2SERVE_* environment, engines read-only under /engines).
 #
 #   docker build -t sam2serve:0.1.0 .                                  # the server, CPU (default target)
 #   docker build --target export -t sam2serve-export:0.1.0 .           # the chart's init container image
 #   docker run --rm -p 50051:50051 -p 9090:9090 --read-only --tmpfs /tmp \
 #     -v "$PWD/engines/sam2.1_hiera_tiny:/engines/sam2.1_hiera_tiny:ro" sam2serve:0.1.0
+#
+# Without a registry (as in CI), `bash .ci/image` makes a Debian bookworm base with mmdebstrap and passes it
+# as --build-arg PYTHON_IMAGE=...; any image with python3.11 (and `python`, venv) on PATH will do.
 #
 # CUDA / TensorRT variant: the same python:3.11-slim base. The CUDA runtime, cuDNN and TensorRT come as
 # pip wheels (onnxruntime-gpu[cuda,cudnn], tensorrt); the driver comes from the node through the NVIDIA
@@ -21,11 +25,17 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# setup.py generates the gRPC stubs (sam2serve/v1, never committed, excluded by .dockerignore) from protos/
+# while the wheel is built: without it the wheel ships no stubs and the server dies at import.
+COPY pyproject.toml setup.py README.md ./
 COPY protos ./protos
 COPY server ./server
 COPY export ./export
-RUN pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+    && python -c "import glob, sys, zipfile; \
+names = set(zipfile.ZipFile(glob.glob('/wheels/sam2serve-*.whl')[0]).namelist()); \
+missing = {f'sam2serve/v1/{m}' for m in ('__init__.py', 'sam2serve_pb2.py', 'sam2serve_pb2_grpc.py')} - names; \
+sys.exit(f'the wheel lacks the gRPC stubs {sorted(missing)}' if missing else 0)"
 
 # ---- export: torch (CPU), Meta's sam2 pinned by hash, `sam2serve export` (the chart's init containers) ------
 FROM ${PYTHON_IMAGE} AS export
@@ -33,17 +43,20 @@ FROM ${PYTHON_IMAGE} AS export
 ARG EXPORT_EXTRAS=export
 # The ONNX export runs on CPU: CPU torch wheels (a fraction of the CUDA ones' size).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# More pip options for torch and its dependencies, e.g. a local mirror (see README, "Container images").
+ARG TORCH_PIP_OPTIONS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH HOME=/tmp
 RUN python -m venv /opt/venv && pip install --upgrade pip setuptools wheel
 # As .ci/setup: torch first (sam2's build imports it), then Meta's code by hash (the PyPI `sam2` is a
 # third-party republication; see export/requirements-sam2.txt), then sam2serve with its export extra.
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1
+RUN pip install --index-url "${TORCH_INDEX_URL}" ${TORCH_PIP_OPTIONS} torch==2.14.1 torchvision==0.29.1
 COPY export/requirements-sam2.txt /tmp/requirements-sam2.txt
 RUN SAM2_BUILD_CUDA=0 pip install --no-deps --no-build-isolation --require-hashes -r /tmp/requirements-sam2.txt \
     && rm /tmp/requirements-sam2.txt
 COPY --from=build /wheels /wheels
-RUN pip install "$(ls /wheels/sam2serve-*.whl)[${EXPORT_EXTRAS}]" && rm -rf /wheels
+RUN pip install "$(ls /wheels/sam2serve-*.whl)[${EXPORT_EXTRAS}]" && rm -rf /wheels \
+    && python -c "import sam2serve.v1.sam2serve_pb2_grpc, sam2serve_export.cli"
 RUN groupadd --system --gid 10001 sam2serve \
     && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sam2serve
 WORKDIR /tmp
@@ -57,11 +70,15 @@ FROM ${PYTHON_IMAGE} AS server
 ARG SERVER_EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH HOME=/tmp
-RUN python -m venv /opt/venv && pip install --upgrade pip
+RUN groupadd --system --gid 10001 sam2serve \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sam2serve
 COPY --from=build /wheels /wheels
+# The venv gets no pip of its own (the server has no use for one): the base's pip installs into it.
 # With the gpu extra: onnxruntime and onnxruntime-gpu install the same `onnxruntime` module, so only the GPU
 # build is kept, with the CUDA 12 runtime and cuDNN 9 from NVIDIA's wheels (its `cuda,cudnn` extras).
 RUN set -eu; \
+    python -m venv --without-pip /opt/venv; \
+    pip() { command pip --python /opt/venv/bin/python "$@"; }; \
     wheel="$(ls /wheels/sam2serve-*.whl)"; \
     if [ -n "${SERVER_EXTRAS}" ]; then pip install "${wheel}[${SERVER_EXTRAS}]"; else pip install "${wheel}"; fi; \
     case ",${SERVER_EXTRAS}," in *,gpu,*) \
@@ -70,9 +87,8 @@ RUN set -eu; \
       pip install "onnxruntime-gpu[cuda,cudnn]==${ort}" ;; \
     esac; \
     rm -rf /wheels; \
-    python -c "import importlib.util, sys; sys.exit('torch in the server image' if importlib.util.find_spec('torch') else 0)"
-RUN groupadd --system --gid 10001 sam2serve \
-    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin sam2serve
+    python -c "import importlib.util, sys; sys.exit('torch in the server image' if importlib.util.find_spec('torch') else 0)"; \
+    python -c "import sam2serve.v1.sam2serve_pb2_grpc, sam2serve.transport.server"
 # The chart mounts the engines (read-only) at /engines and sets SAM2SERVE_ENGINES=/engines/<model>.
 ENV SAM2SERVE_ENGINES=/engines/sam2.1_hiera_tiny SAM2SERVE_PORT=50051 SAM2SERVE_METRICS_PORT=9090
 WORKDIR /tmp

@@ -1,8 +1,14 @@
-"""Shared fixtures: one untrained hiera-tiny export per test session (≈ 40 s on 2 cores)."""
+"""Shared fixtures: one untrained hiera-tiny export per test session (≈ 40 s on 2 cores), and a private
+redis-server per test module that asks for one."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +59,39 @@ def tiny_engine(tiny_engine_dir):
     from sam2serve.engines.onnx_engine import OnnxEngine
 
     return OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"])
+
+
+REDIS_SERVER = shutil.which("redis-server")
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (.ci/setup installs "
+                                                               "Debian's redis-server when run as root)")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private redis-server on a unix socket (no port to collide with), without persistence."""
+    import redis
+
+    directory = tmp_path_factory.mktemp("redis")
+    socket_path = directory / "redis.sock"
+    process = subprocess.Popen([REDIS_SERVER, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
+                                "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
+    url = f"unix://{socket_path}"
+    deadline = time.monotonic() + 20
+    while True:  # wait until it answers (it starts in milliseconds; the loop bounds a slow machine)
+        try:
+            if redis.Redis.from_url(url).ping():
+                break
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def missing_tool(reason: str) -> None:
+    """A tool CI installs is absent: fail in CI (`CI=true`), where it must be there; skip elsewhere."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: CI installs it, so its absence is an error)", pytrace=False)
+    pytest.skip(reason)

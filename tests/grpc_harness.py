@@ -10,9 +10,9 @@ import cv2
 import grpc
 import numpy as np
 
+from sam2serve.app import RunningServer, start_server
 from sam2serve.config import ServerConfig
 from sam2serve.images import synthetic_scene
-from sam2serve.transport.server import RunningServer, start_server
 from sam2serve.v1 import sam2serve_pb2 as pb
 from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
 

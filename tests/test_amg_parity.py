@@ -15,6 +15,7 @@ import pytest
 from conftest import needs_export_tools, shared_image
 from sam2serve.amg import AutoMaskGenerator, GeneratorParams
 from sam2serve.amg.params import fal_defaults
+from sam2serve.domain import Unsupervised
 from sam2serve.engines.manifest import read_manifest
 from sam2serve.engines.onnx_engine import OnnxEngine
 from sam2serve.images import read_rgb, synthetic_scene
@@ -128,19 +129,24 @@ def test_cancellation_stops_at_a_batch_boundary(synthetic_pair):
     _, generator = synthetic_pair
     calls = []
 
-    def should_stop() -> bool:
-        calls.append(1)
-        return len(calls) > 2
+    class StopAfterTwoBatches(Unsupervised):
+        def should_stop(self) -> bool:
+            calls.append(1)
+            return len(calls) > 2
 
     with pytest.raises(Cancelled):
         generator.generate(synthetic_scene(), GeneratorParams(points_per_side=16, points_per_batch=16),
-                           should_stop=should_stop)
+                           StopAfterTwoBatches())
     assert len(calls) == 3
 
 
 def test_progress_counts_every_prompt(synthetic_pair):
     _, generator = synthetic_pair
     seen = []
-    generator.generate(synthetic_scene(), GeneratorParams(points_per_side=8, crop_n_layers=1),
-                       on_progress=lambda done, total: seen.append((done, total)))
+
+    class Progress(Unsupervised):
+        def progress(self, done: int, total: int) -> None:
+            seen.append((done, total))
+
+    generator.generate(synthetic_scene(), GeneratorParams(points_per_side=8, crop_n_layers=1), Progress())
     assert seen[-1] == (64 * 5, 64 * 5) and all(a <= b for (a, _), (b, _) in pairwise(seen))

@@ -81,8 +81,9 @@ def test_directory_exported_before_the_factored_decoder_still_serves(tiny_engine
     coords, labels = _prompts(2, 5)
     out = engine.decode(features, coords, labels)
     assert out.low_res_logits.shape == (2, 3, 256, 256)
-    with pytest.raises(RuntimeError, match="no factored decoder"):
-        engine.decode_above(features, coords, labels, 0.5)
+    above = engine.decode_above(features, coords, labels, 1.0)  # no IoU above 1: masks made all the same
+    np.testing.assert_array_equal(above.low_res_logits, out.low_res_logits)
+    np.testing.assert_array_equal(above.iou_predictions, out.iou_predictions)
 
 
 def test_factored_graphs_that_do_not_fit_together_are_refused():

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sam2serve import outbound as fetch_module
 from sam2serve.errors import ImageFetchError, ImageTooLarge, InvalidInput
 from sam2serve.inputs import (
     InputLimits,
@@ -37,7 +38,6 @@ from sam2serve.inputs import (
     load_image,
     parse_data_uri,
 )
-from sam2serve.inputs import fetch as fetch_module
 
 LIMITS = InputLimits()
 LOCAL = InputLimits(allow_hosts=("127.0.0.1",))

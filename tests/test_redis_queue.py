@@ -5,71 +5,32 @@ fetched and cancelled on the other, the bound holds for both, a lost replica's j
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
 
-from conftest import needs_export_tools
+from conftest import needs_export_tools, needs_redis
 from grpc_harness import ServerThread, quick_request, slow_request, wait_for_state
+from jobfakes import outcome as _outcome
+from jobfakes import request as _request
+from jobfakes import service
 from sam2serve import jobcodec
-from sam2serve.amg.generator import GenerationResult, MaskRecord
 from sam2serve.amg.params import GeneratorParams
 from sam2serve.config import ServerConfig
+from sam2serve.domain import OutputOptions, SegmentOutcome, SegmentRequest
 from sam2serve.errors import JobFailed, QueueUnavailable
-from sam2serve.jobs import JobState
-from sam2serve.outputs import RenderedOutputs
-from sam2serve.outputs.encode import EncodedImage
-from sam2serve.pipeline import OutputOptions, SegmentOutcome, SegmentRequest
-from sam2serve.redis_jobs import RedisJobQueue
+from sam2serve.jobs import JobService, JobState
+from sam2serve.jobs.redis import RedisJobStore
 from sam2serve.v1 import sam2serve_pb2 as pb
 
 State = pb.RequestStatus
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (.ci/setup installs "
-                                                               "Debian's redis-server when run as root)")
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server on a unix socket (no port to collide with), without persistence."""
-    import redis
-
-    directory = tmp_path_factory.mktemp("redis")
-    socket_path = directory / "redis.sock"
-    process = subprocess.Popen([REDIS_SERVER, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
-                                "--appendonly", "no", "--dir", str(directory)], stdout=subprocess.DEVNULL)
-    url = f"unix://{socket_path}"
-    deadline = time.monotonic() + 20
-    while True:  # wait until it answers (it starts in milliseconds; the loop bounds a slow machine)
-        try:
-            if redis.Redis.from_url(url).ping():
-                break
-        except redis.ConnectionError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-    yield url
-    process.terminate()
-    process.wait(10)
-
-
-def _outcome(n_masks: int = 2) -> SegmentOutcome:
-    records = [MaskRecord(rle={"size": [4, 6], "counts": b"3" * (i + 1)}, area=5 + i, bbox=[0, 1, 2, 3],
-                          predicted_iou=0.9, stability_score=0.97, point_coords=[[1.5, 2.0]], crop_box=[0, 0, 6, 4])
-               for i in range(n_masks)]
-    image = EncodedImage(data=b"\x89PNG\x00\xff", content_type="image/png", file_name="mask.png", file_size=6,
-                         width=6, height=4)
-    rendered = RenderedOutputs(combined=image, individual=[image] * n_masks, overlay=None, mask_count=n_masks,
-                               dropped=0, timings={"render": 0.1})
-    result = GenerationResult(records, (4, 6), {"encoder": 1.0}, {"candidates": 3})
-    return SegmentOutcome(result, rendered, (4, 6), {"total": 1.5})
+def redis_queue(work, url: str, workers: int = 1, **store_options) -> JobService:
+    """A replica's job layer: a Redis store and a worker running `work(request, control)`."""
+    return service(RedisJobStore(url, **store_options), work, workers=workers)
 
 
 def test_codec_round_trips_requests_and_outcomes():
@@ -97,7 +58,7 @@ def test_codec_refuses_what_it_did_not_write():
 @needs_redis
 def test_an_unreachable_redis_fails_at_startup_with_its_address(tmp_path):
     async def start() -> None:
-        queue = RedisJobQueue(lambda *a: _outcome(), f"unix://{tmp_path}/nothing.sock")
+        queue = redis_queue(lambda *a: _outcome(), f"unix://{tmp_path}/nothing.sock")
         try:
             await queue.start()
         finally:
@@ -194,14 +155,10 @@ class _Blocking:
     def __init__(self) -> None:
         self.started, self.release = threading.Event(), threading.Event()
 
-    def __call__(self, request, should_stop, on_progress, log_line) -> SegmentOutcome:
+    def __call__(self, request, control) -> SegmentOutcome:
         self.started.set()
         self.release.wait(60)
         return _outcome()
-
-
-def _request() -> SegmentRequest:
-    return SegmentRequest("bytes", b"image", GeneratorParams())
 
 
 async def _until(event: threading.Event) -> None:
@@ -209,47 +166,47 @@ async def _until(event: threading.Event) -> None:
     await asyncio.get_running_loop().run_in_executor(None, event.wait, 30)
 
 
-async def _submit_and_start(queue: RedisJobQueue, started: threading.Event) -> str:
+async def _submit_and_start(queue: JobService, started: threading.Event) -> str:
     """Submit a job and wait until its runner is running it."""
     job = (await queue.submit(_request())).id
     await _until(started)
     return job
 
 
-async def _die(queue: RedisJobQueue) -> None:
+async def _die(queue: JobService) -> None:
     """What a killed process leaves behind: its running list, and a heartbeat that has expired."""
-    queue._accepting = False
-    for task in queue._tasks:
+    tasks = [*queue.worker._tasks, queue.store._keep_alive_task]
+    for task in tasks:
         task.cancel()
-    await asyncio.gather(*queue._tasks, return_exceptions=True)
-    await queue._redis.zadd(queue._key("replicas"), {queue.replica_id: 0})
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await queue.store._redis.zadd(queue.store._key("replicas"), {queue.store.replica_id: 0})
 
 
 @needs_redis
 def test_a_lost_replicas_job_runs_again_once_then_fails(redis_url):
     async def scenario() -> None:
         doomed = [_Blocking(), _Blocking()]
-        first = RedisJobQueue(doomed[0], redis_url, prefix="lost:", heartbeat_s=60)
+        first = redis_queue(doomed[0], redis_url, prefix="lost:", heartbeat_s=60)
         await first.start()
         job = await _submit_and_start(first, doomed[0].started)
         await _die(first)
 
-        second = RedisJobQueue(doomed[1], redis_url, prefix="lost:", heartbeat_s=60)
+        second = redis_queue(doomed[1], redis_url, prefix="lost:", heartbeat_s=60)
         await second.start()
-        assert await second.requeue_lost_jobs() == 1  # back in the queue; second's worker takes it
+        assert await second.store.requeue_lost_jobs() == 1  # back in the queue; second's worker takes it
         await _until(doomed[1].started)
         status = await second.status(job)
         assert status.state is JobState.IN_PROGRESS
         assert any("stopped; queued again" in message for _, message in status.logs)
         await _die(second)
 
-        third = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="lost:", heartbeat_s=60)
+        third = redis_queue(lambda *a: _outcome(), redis_url, prefix="lost:", heartbeat_s=60)
         await third.start()
-        assert await third.requeue_lost_jobs() == 1
+        assert await third.store.requeue_lost_jobs() == 1
         final = await third.wait(job)
         assert final.state is JobState.FAILED and isinstance(final.error, JobFailed)
         assert "stopped 2 times" in str(final.error)
-        assert await third.requeue_lost_jobs() == 0  # nothing left behind
+        assert await third.store.requeue_lost_jobs() == 0  # nothing left behind
         for queue, runner in ((first, doomed[0]), (second, doomed[1]), (third, None)):
             if runner is not None:
                 runner.release.set()
@@ -265,12 +222,12 @@ class _StopsWhenAsked:
     def __init__(self) -> None:
         self.started, self.stop_seen = threading.Event(), threading.Event()
 
-    def __call__(self, request, should_stop, on_progress, log_line) -> SegmentOutcome:
+    def __call__(self, request, control) -> SegmentOutcome:
         self.started.set()
         deadline = time.monotonic() + 60
-        while not should_stop() and time.monotonic() < deadline:
+        while not control.should_stop() and time.monotonic() < deadline:
             self.stop_seen.wait(0.02)  # one "decoder batch"
-        if should_stop():
+        if control.should_stop():
             self.stop_seen.set()
         return _outcome(1)
 
@@ -279,21 +236,21 @@ class _StopsWhenAsked:
 def test_a_replica_wrongly_declared_lost_cannot_finish_the_job_it_lost(redis_url):
     async def scenario() -> None:
         slow = _StopsWhenAsked()
-        stalled = RedisJobQueue(slow, redis_url, prefix="fence:", heartbeat_s=60)
+        stalled = redis_queue(slow, redis_url, prefix="fence:", heartbeat_s=60)
         await stalled.start()
         job = await _submit_and_start(stalled, slow.started)
         # Its heartbeat looks old (an event-loop stall, a partition), but it is still running the job.
-        await stalled._redis.zadd(stalled._key("replicas"), {stalled.replica_id: 0})
+        await stalled.store._redis.zadd(stalled.store._key("replicas"), {stalled.store.replica_id: 0})
 
-        taker = RedisJobQueue(lambda *a: _outcome(3), redis_url, prefix="fence:", heartbeat_s=60)
+        taker = redis_queue(lambda *a: _outcome(3), redis_url, prefix="fence:", heartbeat_s=60)
         await taker.start()
-        assert await taker.requeue_lost_jobs() == 1
+        assert await taker.store.requeue_lost_jobs() == 1
         final = await taker.wait(job)
         assert final.state is JobState.COMPLETED
         await _until(slow.stop_seen)
         assert slow.stop_seen.is_set()  # the stalled replica's job saw it was no longer its own
         await stalled.drain(30)
-        assert (await taker.result(job)).rendered.mask_count == 3  # its late outcome was not written
+        assert (await taker.result(job)).outcome.rendered.mask_count == 3  # its late outcome was not written
         assert (await taker.status(job)).version == final.version
         for queue in (stalled, taker):
             await queue.close()
@@ -307,28 +264,28 @@ class _FirstRunStalls:
     def __init__(self) -> None:
         self.first, self.calls = _StopsWhenAsked(), 0
 
-    def __call__(self, request, should_stop, on_progress, log_line) -> SegmentOutcome:
+    def __call__(self, request, control) -> SegmentOutcome:
         self.calls += 1
-        return self.first(request, should_stop, on_progress, log_line) if self.calls == 1 else _outcome(4)
+        return self.first(request, control) if self.calls == 1 else _outcome(4)
 
 
 @needs_redis
 def test_a_job_retaken_by_the_same_replica_is_fenced_per_claim(redis_url):
     async def scenario() -> None:
         runner = _FirstRunStalls()
-        stalled = RedisJobQueue(runner, redis_url, prefix="claims:", workers=2, heartbeat_s=60)
+        stalled = redis_queue(runner, redis_url, prefix="claims:", workers=2, heartbeat_s=60)
         await stalled.start()
         job = await _submit_and_start(stalled, runner.first.started)
-        await stalled._redis.zadd(stalled._key("replicas"), {stalled.replica_id: 0})
-        front = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="claims:", workers=0, heartbeat_s=60)
+        await stalled.store._redis.zadd(stalled.store._key("replicas"), {stalled.store.replica_id: 0})
+        front = redis_queue(lambda *a: _outcome(), redis_url, prefix="claims:", workers=0, heartbeat_s=60)
         await front.start()
-        assert await front.requeue_lost_jobs() == 1  # the stalled replica's idle worker takes it again
+        assert await front.store.requeue_lost_jobs() == 1  # the stalled replica's idle worker takes it again
         final = await front.wait(job)
         await _until(runner.first.stop_seen)
         await stalled.drain(30)
         # The first claim stopped and its CANCELLED was refused: the second claim's result stands.
         assert final.state is JobState.COMPLETED and (await front.status(job)).state is JobState.COMPLETED
-        assert (await front.result(job)).rendered.mask_count == 4 and runner.calls == 2
+        assert (await front.result(job)).outcome.rendered.mask_count == 4 and runner.calls == 2
         for queue in (stalled, front):
             await queue.close()
 
@@ -339,7 +296,7 @@ def test_a_job_retaken_by_the_same_replica_is_fenced_per_claim(redis_url):
 def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_url):
     async def scenario() -> None:
         slow = _StopsWhenAsked()
-        closing = RedisJobQueue(slow, redis_url, prefix="close:")
+        closing = redis_queue(slow, redis_url, prefix="close:")
         await closing.start()
         job = await _submit_and_start(closing, slow.started)
         await closing.close()  # no drain (or one that timed out)
@@ -348,10 +305,10 @@ def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_ur
         await reader.close()
         assert status.state is JobState.IN_QUEUE and status.queue_position == 0
         assert any("queued again" in message for _, message in status.logs)
-        successor = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="close:")
+        successor = redis_queue(lambda *a: _outcome(), redis_url, prefix="close:")
         await successor.start()
         assert (await successor.wait(job)).state is JobState.COMPLETED
-        assert await successor._redis.hget(successor._key("job", job), "attempts") == b"0"
+        assert await successor.store._redis.hget(successor.store._key("job", job), "attempts") == b"0"
         await successor.close()
 
     asyncio.run(scenario())
@@ -360,14 +317,15 @@ def test_a_closing_replica_hands_its_jobs_back_without_using_an_attempt(redis_ur
 @needs_redis
 def test_an_id_left_in_a_replicas_running_list_goes_back_to_the_queue(redis_url):
     async def scenario() -> None:
-        front = RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="orphan:", workers=0)
+        front = redis_queue(lambda *a: _outcome(), redis_url, prefix="orphan:", workers=0)
         await front.start()
         job = (await front.submit(_request())).id
         # What a BLMOVE whose reply was lost leaves: the id moved to this replica's list, no job running.
-        await front._redis.lmove(front._key("pending"), front._key("running", front.replica_id), "LEFT", "RIGHT")
-        await front._hand_back_orphans()  # first sighting: it might be a reply still on its way
-        assert (await front._redis.lrange(front._key("pending"), 0, -1)) == []
-        await front._hand_back_orphans()
+        store = front.store
+        await store._redis.lmove(store._key("pending"), store._key("running", store.replica_id), "LEFT", "RIGHT")
+        await store.hand_back_orphans()  # first sighting: it might be a reply still on its way
+        assert (await store._redis.lrange(store._key("pending"), 0, -1)) == []
+        await store.hand_back_orphans()
         status = await front.status(job)
         assert status.state is JobState.IN_QUEUE and status.queue_position == 0
         await front.close()
@@ -375,16 +333,16 @@ def test_an_id_left_in_a_replicas_running_list_goes_back_to_the_queue(redis_url)
     asyncio.run(scenario())
 
 
-def _reader(redis_url: str, prefix: str) -> RedisJobQueue:
+def _reader(redis_url: str, prefix: str) -> JobService:
     """A queue object used only to read (never started: no worker, no heartbeat)."""
-    return RedisJobQueue(lambda *a: _outcome(), redis_url, prefix=prefix, workers=0)
+    return redis_queue(lambda *a: _outcome(), redis_url, prefix=prefix, workers=0)
 
 
 @needs_redis
 def test_draining_leaves_queued_jobs_to_the_other_replicas(redis_url):
     async def scenario() -> None:
         blocking = _Blocking()
-        leaving = RedisJobQueue(blocking, redis_url, prefix="drain:")
+        leaving = redis_queue(blocking, redis_url, prefix="drain:")
         await leaving.start()
         running = await _submit_and_start(leaving, blocking.started)
         waiting = (await leaving.submit(_request())).id
@@ -395,11 +353,11 @@ def test_draining_leaves_queued_jobs_to_the_other_replicas(redis_url):
         assert (await leaving.status(waiting)).state is JobState.IN_QUEUE  # not run, not lost
         await leaving.close()
 
-        staying = RedisJobQueue(lambda *a: _outcome(3), redis_url, prefix="drain:")
+        staying = redis_queue(lambda *a: _outcome(3), redis_url, prefix="drain:")
         await staying.start()
         assert (await staying.wait(waiting)).state is JobState.COMPLETED
-        assert (await staying.result(waiting)).rendered.mask_count == 3
-        assert (await staying.request(waiting)).image_value == b""  # the image is not kept after the job
+        assert (await staying.result(waiting)).outcome.rendered.mask_count == 3
+        assert (await staying.result(waiting)).request.image_value == b""  # the image is not kept after the job
         await staying.close()
 
     asyncio.run(scenario())
@@ -408,7 +366,7 @@ def test_draining_leaves_queued_jobs_to_the_other_replicas(redis_url):
 @needs_redis
 def test_each_replica_reports_its_share_of_the_shared_queue(redis_url):
     async def scenario() -> None:
-        fronts = [RedisJobQueue(lambda *a: _outcome(), redis_url, prefix="share:", workers=0) for _ in range(2)]
+        fronts = [redis_queue(lambda *a: _outcome(), redis_url, prefix="share:", workers=0) for _ in range(2)]
         for queue in fronts:
             await queue.start()
         for _ in range(3):

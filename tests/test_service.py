@@ -134,10 +134,13 @@ def test_deadline_cancels_the_work(server):
 
 
 async def _all_terminal(server: ServerThread) -> list[str]:
-    queue = server.running.queue
-    async with queue._changed:
-        await queue._changed.wait_for(lambda: queue.depth() == (0, 0))
-    return [job.state.name for job in queue._jobs.values()]
+    store = server.running.app.jobs.store
+    while True:
+        changed = store._changed  # taken before looking, so that no change is missed
+        states = [job.state for job in store._jobs.values()]
+        if all(state.terminal for state in states):
+            return [state.name for state in states]
+        await changed.wait()
 
 
 def test_finished_job_cannot_be_cancelled_and_unknown_ids(server):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import logging
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +62,7 @@ def build_engines(
     timings = {} if timings is None else timings
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = _make_staging_dir(out_dir)
     try:
         steps: list[tuple[str, Callable[[], None]]] = []
         state: dict[str, object] = {}
@@ -116,6 +116,17 @@ def make_manifest(spec: ModelSpec, model: torch.nn.Module, weights: Weights, dir
         tools=tool_versions(),
         created_at=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     )
+
+
+def _make_staging_dir(out_dir: Path) -> Path:
+    """A new, empty sibling of out_dir to build in, made as `mkdir` makes directories (0777 less the umask).
+
+    Not tempfile.mkdtemp: its 0700 would become the engine directory's mode, and a server running as another
+    uid (the image's 10001, serving a root-exported directory mounted read-only) could not read it.
+    """
+    staging = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(8)}")
+    staging.mkdir()  # never an existing directory
+    return staging
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:

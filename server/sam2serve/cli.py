@@ -49,9 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from .app import serve_forever
     from .config import config_from
     from .engines import ManifestError
-    from .transport.server import serve_forever
 
     config = config_from(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -6,8 +6,9 @@ import argparse
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from .inputs.limits import InputLimits
+from .limits import InputLimits
 
 
 @dataclass(frozen=True)
@@ -59,14 +60,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerConfig:
     env = os.environ if environ is None else environ
-    values = {}
+    values: dict[str, Any] = {}
     for f in fields(ServerConfig):
         raw = getattr(args, f.name, None)
         if raw is None:
             raw = env.get(f"SAM2SERVE_{f.name.upper()}")
         if raw is None:
             continue
-        kind = type(f.default)
+        kind: type[Any] = type(f.default)
         if kind is bool:
             values[f.name] = raw if isinstance(raw, bool) else raw.strip().lower() in ("1", "true", "yes", "on")
         else:

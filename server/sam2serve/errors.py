@@ -1,7 +1,14 @@
-"""Domain errors. Each names what went wrong in words a caller can act on; the transport maps each class
-to one status code (sam2serve.grpc_status.STATUS_OF), and anything else becomes INTERNAL without details."""
+"""Domain errors. Each names what went wrong in words a caller can act on; a protocol adapter maps each
+class to one status code (sam2serve.grpc_status.STATUS_OF), and anything else becomes INTERNAL without details."""
 
 from __future__ import annotations
+
+INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+
+def public_message(exc: BaseException) -> str:
+    """What a caller may be told about `exc`: our own errors' messages, nothing of anything else."""
+    return str(exc) if isinstance(exc, Sam2ServeError) else INTERNAL_MESSAGE
 
 
 class Sam2ServeError(Exception):

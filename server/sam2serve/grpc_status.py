@@ -20,11 +20,10 @@ STATUS_OF: dict[type[errors.Sam2ServeError], grpc.StatusCode] = {
     errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     errors.QueueUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
-INTERNAL_MESSAGE = "internal error; the server logged the details"
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls in type(exc).__mro__:
         if cls in STATUS_OF:
             return STATUS_OF[cls], str(exc)
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+    return grpc.StatusCode.INTERNAL, errors.INTERNAL_MESSAGE

@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .amg.generator import GenerationResult, MaskRecord
 from .amg.params import GeneratorParams
+from .domain import GenerationResult, MaskRecord, OutputOptions, SegmentOutcome, SegmentRequest
 from .outputs import RenderedOutputs
 from .outputs.encode import EncodedImage
-from .pipeline import OutputOptions, SegmentOutcome, SegmentRequest
 
 _TYPES: dict[str, type] = {t.__name__: t for t in (
     SegmentRequest, GeneratorParams, OutputOptions, SegmentOutcome, GenerationResult, MaskRecord, RenderedOutputs,

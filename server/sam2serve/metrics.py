@@ -4,17 +4,20 @@ follow Prometheus conventions, and no label carries an unbounded value such as a
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from .domain import STAGES
+from .jobs import JobFinished, JobState
 
 # From sub-10 ms GPU stages to multi-minute CPU jobs.
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 600.0)
 MASK_BUCKETS = (0, 1, 5, 10, 25, 50, 100, 200, 400, 800, 1600)
 MEGAPIXEL_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 12, 16, 24, 40)
-STAGES = ("image", "encoder", "decoder", "postprocess", "output")
 
 
 @dataclass
@@ -76,3 +79,16 @@ def describe_server(metrics: Metrics, version: str, model: str, weights: str, un
 def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
     """Serve /metrics over HTTP; port 0 picks a free port (server.server_port)."""
     return start_http_server(port, addr=host, registry=metrics.registry)
+
+
+def observe_job(metrics: Metrics, event: JobFinished) -> None:
+    """Job-level metrics, recorded when a job ends (a `JobFinished` listener)."""
+    metrics.job_seconds.labels(event.state.name.lower()).observe(event.finished_at - event.submitted_at)
+    if event.started_at is not None:
+        metrics.queue_wait_seconds.observe(event.started_at - event.submitted_at)
+    if event.state is JobState.COMPLETED and event.outcome is not None:
+        for stage, seconds in cast("Mapping[str, float]", event.outcome.timings).items():
+            metrics.stage_seconds.labels(stage).observe(seconds)
+        metrics.masks_per_image.observe(event.outcome.rendered.mask_count)
+        h, w = event.outcome.image_hw
+        metrics.image_megapixels.observe(h * w / 1e6)

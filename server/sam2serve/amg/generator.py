@@ -9,12 +9,14 @@ and RLEs are made only for the masks that survive NMS.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engines.base import Engine
+from ..domain import UNSUPERVISED, Cancelled, GenerationResult, JobControl, MaskRecord
+from ..engines.base import Engine, ImageFeatures
 from ..preprocess import to_model_coords, to_model_input
 from .grids import build_all_layer_point_grids, generate_crop_boxes
 from .masks import (
@@ -27,36 +29,10 @@ from .masks import (
 )
 from .nms import nms
 from .params import GeneratorParams
-from .rle import decode_rle, encode_rle, rle_area
+from .rle import encode_rle, rle_area
 
 DEFAULT_MAX_DECODER_BATCH = 8  # ORT CPU decoder: ≈ 80 MB per prompt in a batch; 8 keeps peak RSS ≈ 2 GB
 LOW_RES_CLAMP = 32.0  # the predictor clamps low-res logits fed back as mask input
-
-
-class Cancelled(Exception):
-    """Raised at a batch boundary when `should_stop` returns True."""
-
-
-@dataclass
-class MaskRecord:
-    rle: dict[str, object]  # COCO RLE of the full-image mask
-    area: int
-    bbox: list[float]  # XYWH
-    predicted_iou: float
-    stability_score: float
-    point_coords: list[list[float]]
-    crop_box: list[int]  # XYWH
-
-    def mask(self) -> np.ndarray:
-        return decode_rle(self.rle)
-
-
-@dataclass
-class GenerationResult:
-    records: list[MaskRecord]
-    image_size: tuple[int, int]
-    timings: dict[str, float] = field(default_factory=dict)  # encoder, decoder, postprocess, encoding
-    counts: dict[str, int] = field(default_factory=dict)  # candidates left after each filter
 
 
 @dataclass
@@ -80,122 +56,143 @@ class _Survivor:
     crop_box: list[int]  # XYXY
 
 
+@dataclass
+class _Run:
+    """One `generate` call: its image, parameters and control, and what it has counted and timed so far."""
+
+    image: np.ndarray
+    p: GeneratorParams
+    control: JobControl
+    orig_hw: tuple[int, int]
+    total: int  # prompts to decode
+    done: int = 0
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"encoder": 0.0, "decoder": 0.0, "postprocess": 0.0, "encoding": 0.0})
+    counts: dict[str, int] = field(default_factory=lambda: {
+        "candidates": 0, "after_iou": 0, "after_stability": 0, "after_crop_edge": 0, "after_box_nms": 0,
+        "after_crop_nms": 0, "low_res_cleaned": 0})
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] += time.perf_counter() - start
+
+    def advance(self, prompts: int) -> None:
+        self.done += prompts
+        self.control.progress(self.done, self.total)
+
+
+@dataclass(frozen=True)
+class _Crop:
+    box: list[int]  # XYXY in the image
+    hw: tuple[int, int]
+    features: ImageFeatures
+
+
 class AutoMaskGenerator:
     def __init__(self, engine: Engine, max_decoder_batch: int = DEFAULT_MAX_DECODER_BATCH) -> None:
         self.engine = engine
         self.max_decoder_batch = max(1, max_decoder_batch)
 
-    def generate(
-        self,
-        image: np.ndarray,
-        params: GeneratorParams | None = None,
-        should_stop: Callable[[], bool] = lambda: False,
-        on_progress: Callable[[int, int], None] | None = None,
-    ) -> GenerationResult:
-        """Masks for an HxWx3 uint8 RGB image. `on_progress(done, total)` counts decoded prompts."""
+    def generate(self, image: np.ndarray, params: GeneratorParams | None = None,
+                 control: JobControl = UNSUPERVISED) -> GenerationResult:
+        """Masks for an HxWx3 uint8 RGB image. Progress counts decoded prompts; `control.should_stop()` is
+        asked before every decoder batch (`Cancelled` when it says so)."""
         p = params or GeneratorParams()
-        timings = {"encoder": 0.0, "decoder": 0.0, "postprocess": 0.0, "encoding": 0.0}
-        counts = {"candidates": 0, "after_iou": 0, "after_stability": 0, "after_crop_edge": 0,
-                  "after_box_nms": 0, "after_crop_nms": 0, "low_res_cleaned": 0}
         orig_hw = (int(image.shape[0]), int(image.shape[1]))
-        grids = list(p.point_grids) if p.point_grids is not None else build_all_layer_point_grids(
-            p.points_per_side, p.crop_n_layers, p.crop_n_points_downscale_factor)  # type: ignore[arg-type]
+        if p.point_grids is not None:
+            grids = list(p.point_grids)
+        else:
+            assert p.points_per_side is not None  # GeneratorParams holds exactly one of the two
+            grids = build_all_layer_point_grids(p.points_per_side, p.crop_n_layers, p.crop_n_points_downscale_factor)
         crop_boxes, layers = generate_crop_boxes(orig_hw, p.crop_n_layers, p.crop_overlap_ratio)
-        total = sum(len(grids[layer]) for layer in layers)
-        progress = _Progress(total, on_progress)
+        run = _Run(image, p, control, orig_hw, total=sum(len(grids[layer]) for layer in layers))
 
         survivors: list[_Survivor] = []
         for crop_box, layer in zip(crop_boxes, layers, strict=True):
-            survivors += self._process_crop(image, crop_box, grids[layer], orig_hw, p, timings, counts,
-                                            should_stop, progress)
-        start = time.perf_counter()
-        if len(crop_boxes) > 1 and survivors:
-            areas = np.array([(c[2] - c[0]) * (c[3] - c[1]) for c in (s.crop_box for s in survivors)])
-            scores = np.float32(1.0) / areas.astype(np.float32)
-            keep = nms(np.stack([s.box for s in survivors]).astype(np.float32), scores, p.crop_nms_thresh)
-            survivors = [survivors[i] for i in keep]
-        counts["after_crop_nms"] = len(survivors)
-        timings["postprocess"] += time.perf_counter() - start
+            survivors += self._process_crop(run, crop_box, grids[layer])
+        with run.timed("postprocess"):
+            if len(crop_boxes) > 1 and survivors:
+                areas = np.array([(c[2] - c[0]) * (c[3] - c[1]) for c in (s.crop_box for s in survivors)])
+                scores = np.float32(1.0) / areas.astype(np.float32)
+                keep = nms(np.stack([s.box for s in survivors]).astype(np.float32), scores, p.crop_nms_thresh)
+                survivors = [survivors[i] for i in keep]
+            run.counts["after_crop_nms"] = len(survivors)
 
-        start = time.perf_counter()
-        records = [self._record(s, orig_hw, p) for s in survivors]
-        if p.output_min_region_area > 0:
-            records = postprocess_small_regions(records, p.output_min_region_area, p.box_nms_thresh)
-        counts["final"] = len(records)
-        timings["encoding"] += time.perf_counter() - start
-        return GenerationResult(records, orig_hw, timings, counts)
+        with run.timed("encoding"):
+            records = [self._record(run, s) for s in survivors]
+            if p.output_min_region_area > 0:
+                records = postprocess_small_regions(records, p.output_min_region_area, p.box_nms_thresh)
+            run.counts["final"] = len(records)
+        return GenerationResult(records, orig_hw, run.timings, run.counts)
 
-    def _process_crop(self, image: np.ndarray, crop_box: list[int], grid: np.ndarray,
-                      orig_hw: tuple[int, int], p: GeneratorParams, timings: dict[str, float],
-                      counts: dict[str, int], should_stop: Callable[[], bool],
-                      progress: _Progress) -> list[_Survivor]:
-        engine, m = self.engine, self.engine.manifest
+    def _process_crop(self, run: _Run, crop_box: list[int], grid: np.ndarray) -> list[_Survivor]:
+        m, p = self.engine.manifest, run.p
         x0, y0, x1, y1 = crop_box
-        crop = image[y0:y1, x0:x1]
-        crop_hw = (int(crop.shape[0]), int(crop.shape[1]))
-        start = time.perf_counter()
-        features = engine.encode(to_model_input(crop, m.image_size, m.pixel_mean, m.pixel_std))
-        timings["encoder"] += time.perf_counter() - start
+        image = run.image[y0:y1, x0:x1]
+        crop_hw = (int(image.shape[0]), int(image.shape[1]))
+        with run.timed("encoder"):
+            crop = _Crop(crop_box, crop_hw, self.engine.encode(to_model_input(image, m.image_size, m.pixel_mean,
+                                                                              m.pixel_std)))
 
         points = (grid * np.array(crop_hw)[None, ::-1]).astype(np.float32)
         kept = _Kept()
         batch = min(p.points_per_batch, self.max_decoder_batch)
         for first in range(0, len(points), batch):
-            if should_stop():
+            if run.control.should_stop():
                 raise Cancelled
             pts = points[first:first + batch]
-            start = time.perf_counter()
-            logits, iou, cand_points = self._decode_batch(features, pts, crop_hw, p)
-            timings["decoder"] += time.perf_counter() - start
-            start = time.perf_counter()
-            self._filter_candidates(logits, iou, cand_points, crop_box, crop_hw, orig_hw, p, kept, counts)
-            timings["postprocess"] += time.perf_counter() - start
-            progress.advance(len(pts))
+            with run.timed("decoder"):
+                logits, iou, cand_points = self._decode_batch(run, crop, pts)
+            with run.timed("postprocess"):
+                self._filter_candidates(run, crop, logits, iou, cand_points, kept)
+            run.advance(len(pts))
 
-        start = time.perf_counter()
-        result: list[_Survivor] = []
-        if kept.iou:
-            boxes = np.stack(kept.boxes)
-            keep = nms(boxes.astype(np.float32), np.asarray(kept.iou, np.float32), p.box_nms_thresh)
-            offset = np.array([x0, y0, x0, y0])
-            for i in keep:
-                result.append(_Survivor(kept.low_res[i], kept.iou[i], kept.stability[i], boxes[i] + offset,
-                                        kept.points[i] + np.array([x0, y0], np.float32), crop_box))
-        counts["after_box_nms"] += len(result)
-        timings["postprocess"] += time.perf_counter() - start
+        with run.timed("postprocess"):
+            result: list[_Survivor] = []
+            if kept.iou:
+                boxes = np.stack(kept.boxes)
+                keep = nms(boxes.astype(np.float32), np.asarray(kept.iou, np.float32), p.box_nms_thresh)
+                offset = np.array([x0, y0, x0, y0])
+                for i in keep:
+                    result.append(_Survivor(kept.low_res[i], kept.iou[i], kept.stability[i], boxes[i] + offset,
+                                            kept.points[i] + np.array([x0, y0], np.float32), crop_box))
+            run.counts["after_box_nms"] += len(result)
         return result
 
-    def _decode_batch(self, features: object, pts: np.ndarray, crop_hw: tuple[int, int],
-                      p: GeneratorParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _decode_batch(self, run: _Run, crop: _Crop,
+                      pts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Candidate logits [K, 256, 256], IoU [K] and prompt points [K, 2] for a batch of grid points."""
-        engine, size = self.engine, self.engine.manifest.image_size
-        coords = to_model_coords(pts, crop_hw, size)[:, None, :]
+        engine, p = self.engine, run.p
+        coords = to_model_coords(pts, crop.hw, engine.manifest.image_size)[:, None, :]
         labels = np.ones((len(pts), 1), np.float32)
-        if (p.multimask_output and not p.use_m2m and p.pred_iou_thresh > 0.0
-                and getattr(engine, "can_skip_masks", False)):
+        if p.multimask_output and not p.use_m2m and p.pred_iou_thresh > 0.0:
             # Candidates at or below the IoU threshold are dropped before their logits are read, so prompts
-            # without a single candidate above it need no masks: the split decoder skips their mask head.
-            out = engine.decode_above(features, coords, labels, p.pred_iou_thresh)  # type: ignore[attr-defined]
+            # without a single candidate above it need no masks (engines that can, skip their mask head).
+            out = engine.decode_above(crop.features, coords, labels, p.pred_iou_thresh)
         else:
-            out = engine.decode(features, coords, labels, multimask=p.multimask_output)  # type: ignore[arg-type]
+            out = engine.decode(crop.features, coords, labels, multimask=p.multimask_output)
         per_prompt = out.low_res_logits.shape[1]
         logits = out.low_res_logits.reshape(-1, *out.low_res_logits.shape[2:])
         iou = out.iou_predictions.reshape(-1)
         cand_points = np.repeat(pts, per_prompt, axis=0)
         if p.use_m2m:
-            logits, iou = self._refine_with_m2m(features, cand_points, logits, crop_hw, p)
+            logits, iou = self._refine_with_m2m(run, crop, cand_points, logits)
         return logits, iou, cand_points
 
-    def _refine_with_m2m(self, features: object, points: np.ndarray, logits: np.ndarray,
-                         crop_hw: tuple[int, int], p: GeneratorParams) -> tuple[np.ndarray, np.ndarray]:
+    def _refine_with_m2m(self, run: _Run, crop: _Crop, points: np.ndarray,
+                         logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One more decoder pass per candidate with its own low-res logits as mask input, single mask."""
         size = self.engine.manifest.image_size
         masks, ious = [], []
-        batch = min(p.points_per_batch, self.max_decoder_batch)
+        batch = min(run.p.points_per_batch, self.max_decoder_batch)
         for first in range(0, len(points), batch):
             pts = points[first:first + batch]
             out = self.engine.decode(
-                features, to_model_coords(pts, crop_hw, size)[:, None, :],  # type: ignore[arg-type]
+                crop.features, to_model_coords(pts, crop.hw, size)[:, None, :],
                 np.ones((len(pts), 1), np.float32),
                 mask_input=np.clip(logits[first:first + batch], -LOW_RES_CLAMP, LOW_RES_CLAMP)[:, None],
                 multimask=False,
@@ -204,9 +201,9 @@ class AutoMaskGenerator:
             ious.append(out.iou_predictions[:, 0])
         return np.concatenate(masks), np.concatenate(ious)
 
-    def _filter_candidates(self, logits: np.ndarray, iou: np.ndarray, points: np.ndarray, crop_box: list[int],
-                           crop_hw: tuple[int, int], orig_hw: tuple[int, int], p: GeneratorParams, kept: _Kept,
-                           counts: dict[str, int]) -> None:
+    def _filter_candidates(self, run: _Run, crop: _Crop, logits: np.ndarray, iou: np.ndarray,
+                           points: np.ndarray, kept: _Kept) -> None:
+        p, counts = run.p, run.counts
         counts["candidates"] += len(iou)
         order = np.flatnonzero(iou > p.pred_iou_thresh) if p.pred_iou_thresh > 0.0 else np.arange(len(iou))
         counts["after_iou"] += len(order)
@@ -214,7 +211,7 @@ class AutoMaskGenerator:
         for i in order:
             low_res, cleaned = fill_holes_and_remove_sprinkles(logits[i], p.min_mask_region_area, p.mask_threshold)
             counts["low_res_cleaned"] += cleaned
-            stability, box = upsampled_stability_and_box(low_res, crop_hw, p.mask_threshold,
+            stability, box = upsampled_stability_and_box(low_res, crop.hw, p.mask_threshold,
                                                          p.stability_score_offset)
             if p.stability_score_thresh > 0.0 and not stability >= p.stability_score_thresh:
                 continue
@@ -223,21 +220,21 @@ class AutoMaskGenerator:
         counts["after_stability"] += len(batch_boxes)
         if not batch_boxes:
             return
-        near_edge = is_box_near_crop_edge(np.stack(batch_boxes), crop_box, [0, 0, orig_hw[1], orig_hw[0]])
-        for (i, low_res, stability), box, drop in zip(batch_index, batch_boxes, near_edge, strict=True):
+        near_edge = is_box_near_crop_edge(np.stack(batch_boxes), crop.box, [0, 0, run.orig_hw[1], run.orig_hw[0]])
+        for (i, low_res, score), box, drop in zip(batch_index, batch_boxes, near_edge, strict=True):
             if drop:
                 continue
             kept.low_res.append(np.array(low_res, copy=True))  # don't pin the whole decoder batch
             kept.iou.append(float(iou[i]))
-            kept.stability.append(stability)
+            kept.stability.append(score)
             kept.boxes.append(box)
             kept.points.append(points[i])
         counts["after_crop_edge"] += int(np.count_nonzero(~near_edge))
 
-    def _record(self, s: _Survivor, orig_hw: tuple[int, int], p: GeneratorParams) -> MaskRecord:
+    def _record(self, run: _Run, s: _Survivor) -> MaskRecord:
         x0, y0, x1, y1 = s.crop_box
-        full = np.zeros(orig_hw, dtype=bool)
-        full[y0:y1, x0:x1] = upsample_logits(s.low_res, (y1 - y0, x1 - x0)) > p.mask_threshold
+        full = np.zeros(run.orig_hw, dtype=bool)
+        full[y0:y1, x0:x1] = upsample_logits(s.low_res, (y1 - y0, x1 - x0)) > run.p.mask_threshold
         rle = encode_rle(full)
         bx0, by0, bx1, by1 = (int(v) for v in s.box)
         return MaskRecord(
@@ -273,13 +270,3 @@ def postprocess_small_regions(records: list[MaskRecord], min_area: int, nms_thre
                                 record.stability_score, record.point_coords, record.crop_box)
         out.append(record)
     return out
-
-
-class _Progress:
-    def __init__(self, total: int, callback: Callable[[int, int], None] | None) -> None:
-        self.total, self.done, self.callback = total, 0, callback
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None:
-            self.callback(self.done, self.total)

@@ -28,7 +28,7 @@ def stability_score(logits: np.ndarray, mask_threshold: float, offset: float) ->
     return _stability_from_counts(inter, union)
 
 
-def _stability_from_counts(inter: int, union: int) -> np.float32:
+def _stability_from_counts(inter: int | np.integer, union: int | np.integer) -> np.float32:
     if union == 0:
         return np.float32(np.nan)  # 0/0, as in the reference
     return np.float32(inter) / np.float32(union)
@@ -205,7 +205,7 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
     """SAM 1's output-resolution cleanup (sam2.utils.amg.remove_small_regions): mode "holes" or "islands"."""
     correct_holes = mode == "holes"
     working = (correct_holes ^ mask).astype(np.uint8)
-    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, connectivity=8)
     sizes = stats[:, -1][1:]
     small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
     if not small:

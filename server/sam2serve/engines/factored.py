@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import DecodedMasks, ImageFeatures
+from .base import AllTokensEngine, DecodedMasks, ImageFeatures
 from .contract import (
     DECODER_CONTEXT_INPUTS,
     MASK_HEAD_OUTPUTS,
@@ -192,8 +192,9 @@ class FactoredDecoder:
         return DecodedMasks(*select_multimask(masks, iou))
 
 
-class FactoredDecoding:
-    """What an engine with a factored decoder adds to `Engine`: `decode_above`, and `factored` for stats."""
+class FactoredDecoding(AllTokensEngine):
+    """An `AllTokensEngine` that may have a factored decoder: its `decode_above` then runs the mask head only for
+    the prompts that need masks; `factored` exposes the decoder (and its stats)."""
 
     _factored: FactoredDecoder | None = None
 
@@ -204,14 +205,14 @@ class FactoredDecoding:
 
     @property
     def can_skip_masks(self) -> bool:
-        """True when masks can be made for some prompts only (`decode_above`)."""
+        """True when masks can be made for some prompts only (`decode_above` skips the others)."""
         return self._factored is not None
 
     def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
                      iou_threshold: float) -> DecodedMasks:
         """Multimask decoding that makes masks only for prompts with some multimask IoU above `iou_threshold`;
-        the other prompts' logits are left at zero (callers filter them out by IoU)."""
+        the other prompts' logits are left at zero (callers filter them out by IoU). Without a factored decoder
+        (engines exported, or plans built, before it existed) every prompt gets its masks."""
         if self._factored is None:
-            raise RuntimeError("these engines have no factored decoder (exported, or TensorRT plans built, before "
-                               "it existed); use decode()")
+            return super().decode_above(features, point_coords, point_labels, iou_threshold)
         return self._factored.decode_above(features, point_coords, point_labels, iou_threshold)

@@ -28,7 +28,7 @@ class ManifestError(Exception):
 class TensorSpec:
     name: str
     dtype: str
-    shape: list[Dim]
+    shape: list[Dim | None]  # None: a dynamic axis without a name, as a loaded graph reports it
 
 
 @dataclass(frozen=True)
@@ -190,11 +190,12 @@ def check_signature(role: str, declared: list[TensorSpec], actual: list[TensorSp
             raise ManifestError(f"{role} {kind} {got.name} has shape {got.shape}, the manifest says {want.shape}")
 
 
-def _shapes_agree(declared: list[Dim], actual: list[Dim]) -> bool:
+def _shapes_agree(declared: list[Dim | None], actual: list[Dim | None]) -> bool:
     if len(declared) != len(actual):
         return False
     for d, a in zip(declared, actual, strict=True):
-        d_dynamic, a_dynamic = isinstance(d, str), a is None or isinstance(a, str)
-        if d_dynamic != a_dynamic or (not d_dynamic and int(d) != int(a)):
+        if (d is None or isinstance(d, str)) != (a is None or isinstance(a, str)):
+            return False
+        if isinstance(d, int) and isinstance(a, int) and d != a:
             return False
     return True

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .base import AllTokensEngine, ImageFeatures
+from .base import EngineInfo, ImageFeatures, decoder_feeds, warn_if_untrained
 from .contract import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -43,8 +43,10 @@ def session_signature(args: list[ort.NodeArg]) -> list[TensorSpec]:
     return [TensorSpec(a.name, _ORT_DTYPES.get(a.type, a.type), list(a.shape)) for a in args]
 
 
-class OnnxEngine(FactoredDecoding, AllTokensEngine):
+class OnnxEngine(FactoredDecoding):
     """Opens a validated engine directory and runs its encoder/decoder as plain numpy in/out."""
+
+    backend = "onnxruntime"
 
     def __init__(
         self,
@@ -98,11 +100,7 @@ class OnnxEngine(FactoredDecoding, AllTokensEngine):
             if head_workers > 1:
                 options.intra_op_num_threads = 1
             self._factored = self._open_factored(options, decoder_memory_bytes, head_workers)
-        if not self.manifest.weights.trained:
-            log.warning(
-                "UNTRAINED WEIGHTS: engines in %s were exported from randomly initialised %s (seed %s); "
-                "their masks are meaningless", self.directory, self.manifest.model, self.manifest.weights.seed,
-            )
+        warn_if_untrained(self.directory, self.manifest)
         if warmup:
             self.warm_up()
 
@@ -120,10 +118,11 @@ class OnnxEngine(FactoredDecoding, AllTokensEngine):
 
     def _open(self, role: str, options: ort.SessionOptions, inputs: tuple[str, ...] | None = None,
               outputs: tuple[str, ...] | None = None) -> ort.InferenceSession:
-        """`inputs`/`outputs`: the names this server needs, when the contract fixes them."""
+        """`inputs`/`outputs`: the names this server needs, when the contract fixes them (the factored graphs'
+        names are checked against each other instead)."""
         entry = self.manifest.engine_file(role)
         declared_in, declared_out = tuple(t.name for t in entry.inputs), tuple(t.name for t in entry.outputs)
-        if (inputs is not None and declared_in != inputs) or (outputs is not None and declared_out != outputs):
+        if inputs is not None and outputs is not None and (declared_in != inputs or declared_out != outputs):
             raise ManifestError(
                 f"{role} in the manifest declares inputs {[t.name for t in entry.inputs]} and outputs "
                 f"{[t.name for t in entry.outputs]}; this server needs {list(inputs)} → {list(outputs)}"
@@ -140,6 +139,10 @@ class OnnxEngine(FactoredDecoding, AllTokensEngine):
     def active_providers(self) -> list[str]:
         return self._decoder.get_providers()
 
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.backend, tuple(self.active_providers), self.manifest.weights.trained)
+
     def encode(self, image: np.ndarray) -> ImageFeatures:
         outputs = self._encoder.run(list(ENCODER_OUTPUTS), {"image": np.ascontiguousarray(image, np.float32)})
         return ImageFeatures(*outputs)
@@ -155,28 +158,9 @@ class OnnxEngine(FactoredDecoding, AllTokensEngine):
         input (when exported), decoder.onnx with one."""
         if mask_input is None and self._factored is not None:
             return self._factored.decode_all_tokens(features, point_coords, point_labels)
-        masks, iou = self._decoder.run(list(DECODER_OUTPUTS),
-                                       self._prompt_feeds(features, point_coords, point_labels, mask_input))
+        masks, iou = self._decoder.run(list(DECODER_OUTPUTS), decoder_feeds(
+            features, point_coords, point_labels, mask_input, self.manifest.low_res_mask_size))
         return masks, iou
-
-    def _prompt_feeds(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
-                      mask_input: np.ndarray | None) -> dict[str, np.ndarray]:
-        batch = point_coords.shape[0]
-        low_res = self.manifest.low_res_mask_size
-        if mask_input is None:
-            mask_input = np.zeros((batch, 1, low_res, low_res), np.float32)
-            has_mask = np.zeros(1, np.float32)
-        else:
-            has_mask = np.ones(1, np.float32)
-        return {
-            "image_embed": features.image_embed,
-            "high_res_feats_0": features.high_res_feats_0,
-            "high_res_feats_1": features.high_res_feats_1,
-            "point_coords": np.ascontiguousarray(point_coords, np.float32),
-            "point_labels": np.ascontiguousarray(point_labels, np.float32),
-            "mask_input": np.ascontiguousarray(mask_input, np.float32),
-            "has_mask_input": has_mask,
-        }
 
     def close(self) -> None:
         self._encoder = self._decoder = self._factored = None

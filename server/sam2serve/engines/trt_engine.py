@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import AllTokensEngine, ImageFeatures
+from .base import PER_PROMPT_INPUTS, ImageFeatures, decoder_feeds, warn_if_untrained
 from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, FACTORED_ROLES
 from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, FactoredDecoding, check_factored_graphs
 from .manifest import (
@@ -301,8 +301,10 @@ class _PlanRunner:
         self._buffers.free()
 
 
-class TensorRTEngine(FactoredDecoding, AllTokensEngine):
+class TensorRTEngine(FactoredDecoding):
     """Opens an engine directory's TensorRT plans for this GPU; same interface as OnnxEngine."""
+
+    backend = "tensorrt"
 
     def __init__(
         self,
@@ -343,12 +345,7 @@ class TensorRTEngine(FactoredDecoding, AllTokensEngine):
             elif set(FACTORED_ROLES) <= set(self.manifest.engines):
                 log.info("plans in %s predate the factored decoder: every prompt runs the decoder plan; rebuild the "
                          "TensorRT plans for the factored one", self.plan_dir)
-            if not self.manifest.weights.trained:
-                log.warning(
-                    "UNTRAINED WEIGHTS: engines in %s were exported from randomly initialised %s (seed %s); "
-                    "their masks are meaningless",
-                    self.directory, self.manifest.model, self.manifest.weights.seed,
-                )
+            warn_if_untrained(self.directory, self.manifest)
             if warmup:
                 self.warm_up()
         except BaseException:
@@ -455,24 +452,15 @@ class TensorRTEngine(FactoredDecoding, AllTokensEngine):
             raise ValueError(
                 f"{points} points per prompt; the TensorRT plan was built for at most {self.max_points}"
             )
-        low_res = self.manifest.low_res_mask_size
-        has_mask = np.array([0.0 if mask_input is None else 1.0], np.float32)
-        if mask_input is None:
-            mask_input = np.zeros((batch, 1, low_res, low_res), np.float32)
-        shared = {name: getattr(features, name) for name in FEATURE_NAMES}
+        feeds = decoder_feeds(features, point_coords, point_labels, mask_input, self.manifest.low_res_mask_size)
         masks, iou = [], []
         with self._lock:
             decoder = self._runner("decoder")
             for start in range(0, batch, self.max_batch):
                 chunk = slice(start, start + self.max_batch)
-                feeds = {
-                    **shared,
-                    "point_coords": point_coords[chunk],
-                    "point_labels": point_labels[chunk],
-                    "mask_input": mask_input[chunk],
-                    "has_mask_input": has_mask,
-                }
-                chunk_masks, chunk_iou = decoder.run(feeds, keep=frozenset(FEATURE_NAMES))
+                chunk_feeds = {name: value[chunk] if name in PER_PROMPT_INPUTS else value
+                               for name, value in feeds.items()}
+                chunk_masks, chunk_iou = decoder.run(chunk_feeds, keep=frozenset(FEATURE_NAMES))
                 masks.append(chunk_masks)
                 iou.append(chunk_iou)
         if len(masks) == 1:

@@ -15,8 +15,9 @@ import numpy as np
 from sam2serve.errors import ImageTooLarge, InvalidInput
 from sam2serve.inputs.datauri import parse_data_uri
 from sam2serve.inputs.decode import decode, decode_image, sniff_format, to_rgb
-from sam2serve.inputs.fetch import address_refusal, blocked_reason, fetch_url
-from sam2serve.inputs.limits import InputLimits, describe_bytes
+from sam2serve.inputs.fetch import fetch_url
+from sam2serve.limits import InputLimits, describe_bytes
+from sam2serve.outbound import address_refusal, blocked_reason
 
 __all__ = [
     "InputLimits",

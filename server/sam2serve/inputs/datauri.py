@@ -6,7 +6,7 @@ import binascii
 import re
 
 from sam2serve.errors import ImageTooLarge, InvalidInput
-from sam2serve.inputs.limits import describe_bytes
+from sam2serve.limits import describe_bytes
 
 FIELD = "image_data_uri"
 _MAX_HEADER = 1024  # characters between "data:" and ","

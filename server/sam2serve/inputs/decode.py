@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sam2serve.errors import ImageTooLarge, InvalidInput, Sam2ServeError
-from sam2serve.inputs.limits import InputLimits, describe_bytes
+from sam2serve.limits import InputLimits, describe_bytes
 
 SUPPORTED = "JPEG, PNG, WebP, BMP or TIFF"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
@@ -124,10 +124,10 @@ def to_rgb(image: Image.Image) -> np.ndarray:
         values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
         return _gray_to_rgb((values >> 8).astype(np.uint8))
     if mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        if values.size and values.min() >= 0.0 and values.max() <= 1.0:
-            values = values * 255.0
-        return _gray_to_rgb(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        floats = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if floats.size and floats.min() >= 0.0 and floats.max() <= 1.0:
+            floats = floats * 255.0
+        return _gray_to_rgb(np.clip(np.rint(floats), 0, 255).astype(np.uint8))
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # straight to RGB warns about transparency given as bytes
     elif mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these only via their straight forms

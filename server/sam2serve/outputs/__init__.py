@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..amg.generator import GenerationResult
+from ..domain import GenerationResult
 from .encode import DEFAULT_JPEG_QUALITY, EncodedImage, encode_image, normalise_format
 from .palette import colour_for, palette_lut
 from .render import combined_and_overlay, combined_mask, individual_mask, overlay, paint_order

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from ..amg.generator import MaskRecord
+from ..domain import MaskRecord
 from .palette import colour_for, palette_lut
 
 DEFAULT_ALPHA = 0.5
@@ -81,7 +81,7 @@ def _paint_labels(records: Sequence[MaskRecord], image_hw: tuple[int, int], with
     mask's contours in painting order. Decodes one mask at a time."""
     height, width = (int(v) for v in image_hw)
     for i, record in enumerate(records):  # cheap, and before any decoding
-        size = [int(v) for v in record.rle["size"]]  # type: ignore[attr-defined]
+        size = [int(v) for v in record.rle["size"]]
         if size != [height, width]:
             raise ValueError(f"mask {i} is {size[0]}x{size[1]}, the image is {height}x{width}")
     labels = np.zeros((height, width), np.uint16 if len(records) < 65535 else np.int32)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from .. import __version__
 from ..amg.params import GeneratorParams, fal_defaults
+from ..app import App
+from ..domain import OutputOptions, SegmentRequest
+from ..engines.base import UNTRAINED_WARNING
 from ..errors import InvalidInput
-from ..jobs import JobSnapshot, JobState
-from ..pipeline import OutputOptions, SegmentOutcome, SegmentRequest
+from ..grpc_status import status_for
+from ..jobs import JobResult, JobSnapshot, JobState
+from ..outputs.encode import EncodedImage
 from ..v1 import sam2serve_pb2 as pb
 
 
@@ -50,7 +56,7 @@ def to_segment_request(msg: pb.AutoSegmentRequest, limits: RequestLimits,
         raise InvalidInput(f"{kind} is empty")
     maxima = {"points_per_side": limits.max_points_per_side, "crop_n_layers": limits.max_crop_n_layers,
               "points_per_batch": limits.max_points_per_batch}
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     for name, (kind_of, low, high) in _RANGES.items():
         if not msg.HasField(name):
             continue
@@ -85,14 +91,25 @@ def generator_defaults(params: GeneratorParams) -> pb.GeneratorDefaults:
     return pb.GeneratorDefaults(**{k: v for k, v in params.__dict__.items() if k in names})
 
 
-def _image(encoded: object) -> pb.Image:
-    e = encoded
-    return pb.Image(data=e.data, content_type=e.content_type, file_name=e.file_name,  # type: ignore[attr-defined]
-                    file_size=e.file_size, width=e.width, height=e.height)  # type: ignore[attr-defined]
+def server_info(app: App) -> pb.ServerInfo:
+    config, manifest, engine = app.config, app.manifest, app.engine.info
+    model = pb.ModelInfo(name=manifest.model, weights_origin=manifest.weights.origin, untrained=not engine.trained,
+                         backend=engine.backend, providers=list(engine.providers))
+    limits = pb.Limits(max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels,
+                       max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers,
+                       queue_size=config.queue_size, workers=config.workers,
+                       max_message_bytes=config.max_message_bytes, result_ttl_seconds=config.result_ttl_seconds)
+    return pb.ServerInfo(version=__version__, model=model, limits=limits, defaults=generator_defaults(fal_defaults()),
+                         warning="" if engine.trained else UNTRAINED_WARNING)
 
 
-def to_response(outcome: SegmentOutcome, request: SegmentRequest, model: pb.ModelInfo, request_id: str,
-                queue_s: float) -> pb.AutoSegmentResponse:
+def _image(e: EncodedImage) -> pb.Image:
+    return pb.Image(data=e.data, content_type=e.content_type, file_name=e.file_name, file_size=e.file_size,
+                    width=e.width, height=e.height)
+
+
+def to_response(result: JobResult, model: pb.ModelInfo) -> pb.AutoSegmentResponse:
+    outcome, request, request_id, queue_s = result.outcome, result.request, result.id, result.queue_seconds
     rendered = outcome.rendered
     records = outcome.result.records[: rendered.mask_count]
     masks = []
@@ -107,7 +124,9 @@ def to_response(outcome: SegmentOutcome, request: SegmentRequest, model: pb.Mode
     t = outcome.timings
     timings = pb.StageTimings(queue_seconds=queue_s, image_seconds=t["image"], encoder_seconds=t["encoder"],
                               decoder_seconds=t["decoder"], postprocess_seconds=t["postprocess"],
-                              output_seconds=t["output"], total_seconds=queue_s + sum(t.values()))
+                              output_seconds=t["output"],
+                              total_seconds=queue_s + (t["image"] + t["encoder"] + t["decoder"] + t["postprocess"]
+                                                       + t["output"]))
     response = pb.AutoSegmentResponse(combined_mask=_image(rendered.combined),
                                       individual_masks=[_image(i) for i in rendered.individual], masks=masks,
                                       timings=timings, model=model, total_masks=len(outcome.result.records),
@@ -130,7 +149,7 @@ def _ts(seconds: float | None) -> Timestamp | None:
     return ts
 
 
-def to_status(s: JobSnapshot, with_logs: bool, error: tuple[int, str] | None = None) -> pb.RequestStatus:
+def to_status(s: JobSnapshot, with_logs: bool) -> pb.RequestStatus:
     status = pb.RequestStatus(request_id=s.id, state=_STATE[s.state], progress=s.progress,
                               queue_position=s.queue_position if s.state is JobState.IN_QUEUE else 0)
     for field_name, value in (("submitted_at", s.submitted_at), ("started_at", s.started_at),
@@ -140,6 +159,7 @@ def to_status(s: JobSnapshot, with_logs: bool, error: tuple[int, str] | None = N
             getattr(status, field_name).CopyFrom(ts)
     if with_logs:
         status.logs.extend(pb.LogEntry(timestamp=_ts(t), message=m) for t, m in s.logs)
-    if error is not None:
-        status.error_code, status.error = error
+    if s.state is JobState.FAILED and s.error is not None:
+        code, message = status_for(s.error)
+        status.error_code, status.error = code.value[0], message
     return status

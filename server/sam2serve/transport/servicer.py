@@ -1,9 +1,9 @@
-"""The AutoSegmentService servicer: protobuf in, domain calls, protobuf out; errors through one table."""
+"""The AutoSegmentService servicer: protobuf in, data-plane calls, protobuf out. Errors are mapped to a gRPC
+status in one place, the `observed` wrapper every RPC goes through."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import logging
@@ -13,10 +13,9 @@ from typing import Any
 
 import grpc
 
-from .. import __version__
-from ..errors import InvalidInput, QueueFull, ResultTooLarge, Sam2ServeError, ShuttingDown
+from ..errors import InvalidInput, QueueFull, ResultTooLarge, ShuttingDown
 from ..grpc_status import status_for
-from ..jobs import CancelOutcome, JobQueue, JobSnapshot, JobState
+from ..jobs import CancelOutcome, JobResult, JobService
 from ..metrics import Metrics
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
@@ -28,15 +27,24 @@ _CANCEL = {CancelOutcome.CANCELLED_IN_QUEUE: pb.CancelResponse.CANCELLED_IN_QUEU
            CancelOutcome.CANCELLING_IN_PROGRESS: pb.CancelResponse.CANCELLING_IN_PROGRESS,
            CancelOutcome.ALREADY_CANCELLED: pb.CancelResponse.ALREADY_CANCELLED,
            CancelOutcome.ALREADY_FINISHED: pb.CancelResponse.ALREADY_FINISHED}
-
-
 _REJECTION_REASONS = ((QueueFull, "queue_full"), (ShuttingDown, "shutting_down"),
                       (ResultTooLarge, "result_too_large"), (InvalidInput, "invalid_argument"))
 
 
 def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
-    """Count the call by method and final status code, and time it (sam2serve_requests_total, ...)."""
+    """Every RPC: an error becomes its status (`grpc_status.status_for`; INTERNAL, logged, for a bug), and
+    the call is counted by method and final status code and timed (sam2serve_requests_total, ...)."""
     name = rpc.__name__
+
+    async def fail(self: AutoSegmentServicer, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        for kind, reason in _REJECTION_REASONS:
+            if isinstance(exc, kind):
+                self.metrics.rejected.labels(reason).inc()
+                break
+        code, message = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("internal error in %s", type(exc).__name__, exc_info=exc)
+        await context.abort(code, message)
 
     def record(self: AutoSegmentServicer, start: float, context: grpc.aio.ServicerContext,
                exc: BaseException | None) -> None:
@@ -55,8 +63,11 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
         async def streaming(self: AutoSegmentServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             start, error = time.perf_counter(), None
             try:
-                async for item in rpc(self, request, context):
-                    yield item
+                try:
+                    async for item in rpc(self, request, context):
+                        yield item
+                except Exception as e:
+                    await fail(self, context, e)
             except BaseException as e:
                 error = e
                 raise
@@ -69,7 +80,11 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
     async def unary(self: AutoSegmentServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         start, error = time.perf_counter(), None
         try:
-            return await rpc(self, request, context)
+            try:
+                return await rpc(self, request, context)
+            except Exception as e:
+                await fail(self, context, e)
+                raise  # unreachable: abort raises
         except BaseException as e:
             error = e
             raise
@@ -80,51 +95,16 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
-    def __init__(self, queue: JobQueue, info: pb.ServerInfo, limits: RequestLimits,
-                 max_message_bytes: int, metrics: Metrics) -> None:
-        self.queue = queue
+    def __init__(self, jobs: JobService, info: pb.ServerInfo, limits: RequestLimits, max_message_bytes: int,
+                 metrics: Metrics) -> None:
+        self.jobs = jobs
         self.info = info
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
-        self.stopping = False
-        self._waiting_calls = 0
-        self._calls_changed = asyncio.Condition()
 
-    async def wait_for_waiting_calls(self, timeout_s: float) -> bool:
-        """Wait until no AutoSegment/Subscribe call is waiting for its job (True), or the timeout passes."""
-        try:
-            async with asyncio.timeout(timeout_s), self._calls_changed:
-                await self._calls_changed.wait_for(lambda: self._waiting_calls == 0)
-            return True
-        except TimeoutError:
-            return False
-
-    @contextlib.asynccontextmanager
-    async def _waiting_call(self) -> AsyncIterator[None]:
-        self._waiting_calls += 1
-        try:
-            yield
-        finally:
-            self._waiting_calls -= 1
-            async with self._calls_changed:
-                self._calls_changed.notify_all()
-
-    async def _fail(self, context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-        for kind, reason in _REJECTION_REASONS:
-            if isinstance(exc, kind):
-                self.metrics.rejected.labels(reason).inc()
-                break
-        code, message = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("internal error in %s", type(exc).__name__, exc_info=exc)
-        await context.abort(code, message)
-
-    async def _result(self, job_id: str) -> pb.AutoSegmentResponse:
-        snapshot = await self.queue.status(job_id)
-        outcome = await self.queue.result(job_id)
-        queue_s = (snapshot.started_at or snapshot.submitted_at) - snapshot.submitted_at
-        response = to_response(outcome, await self.queue.request(job_id), self.info.model, job_id, queue_s)
+    def _response(self, result: JobResult) -> pb.AutoSegmentResponse:
+        response = to_response(result, self.info.model)
         size = response.ByteSize()
         if size > self.max_message_bytes:
             raise ResultTooLarge(
@@ -132,103 +112,44 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
                 "masks (max_masks), no individual mask images (return_individual_masks=false) or JPEG output")
         return response
 
-    def _status(self, snapshot: JobSnapshot, logs: bool) -> pb.RequestStatus:
-        error = None
-        if snapshot.state is JobState.FAILED and snapshot.error is not None:
-            code, message = status_for(snapshot.error)
-            error = (code.value[0], message)
-        return to_status(snapshot, logs, error)
-
     @observed
     async def AutoSegment(self, request: pb.AutoSegmentRequest,
                           context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
-        job_id = None
-        try:
-            async with self._waiting_call():
-                segment = to_segment_request(request, self.limits)
-                job_id = (await self.queue.submit(segment)).id
-                await self.queue.wait(job_id)
-                return await self._result(job_id)
-        except asyncio.CancelledError:  # the caller left or its deadline passed: stop the work
-            if job_id is not None and not self.stopping:
-                await asyncio.shield(self.queue.cancel(job_id))
-            raise
-        except Exception as e:
-            await self._fail(context, e)
-            raise  # unreachable: abort raises
+        return self._response(await self.jobs.run(to_segment_request(request, self.limits)))
 
     @observed
     async def Submit(self, request: pb.AutoSegmentRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
-        try:
-            snapshot = await self.queue.submit(to_segment_request(request, self.limits))
-        except Exception as e:
-            await self._fail(context, e)
-            raise
+        snapshot = await self.jobs.submit(to_segment_request(request, self.limits))
         return pb.SubmitResponse(request_id=snapshot.id, queue_position=snapshot.queue_position)
 
     @observed
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.RequestStatus:
-        try:
-            return self._status(await self.queue.status(request.request_id), request.logs)
-        except Exception as e:
-            await self._fail(context, e)
-            raise
+        return to_status(await self.jobs.status(request.request_id), request.logs)
 
     @observed
     async def WatchStatus(self, request: pb.StatusRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RequestStatus]:
-        try:
-            async for snapshot in self.queue.watch(request.request_id):
-                yield self._status(snapshot, request.logs)
-        except Sam2ServeError as e:
-            await self._fail(context, e)
+        async for snapshot in self.jobs.watch(request.request_id):
+            yield to_status(snapshot, request.logs)
 
     @observed
     async def GetResult(self, request: pb.ResultRequest,
                         context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
-        try:
-            return await self._result(request.request_id)
-        except Exception as e:
-            await self._fail(context, e)
-            raise
+        return self._response(await self.jobs.result(request.request_id))
 
     @observed
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
-        try:
-            outcome, snapshot = await self.queue.cancel(request.request_id)
-        except Exception as e:
-            await self._fail(context, e)
-            raise
-        return pb.CancelResponse(outcome=_CANCEL[outcome], status=self._status(snapshot, False))
+        outcome, snapshot = await self.jobs.cancel(request.request_id)
+        return pb.CancelResponse(outcome=_CANCEL[outcome], status=to_status(snapshot, False))
 
     @observed
     async def Subscribe(self, request: pb.AutoSegmentRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SubscribeEvent]:
-        job_id = None
-        try:
-            async with self._waiting_call():
-                job_id = (await self.queue.submit(to_segment_request(request, self.limits))).id
-                async for snapshot in self.queue.watch(job_id):
-                    yield pb.SubscribeEvent(status=self._status(snapshot, True))
-                yield pb.SubscribeEvent(result=await self._result(job_id))
-        except asyncio.CancelledError:
-            if job_id is not None and not self.stopping:
-                await asyncio.shield(self.queue.cancel(job_id))
-            raise
-        except Exception as e:
-            await self._fail(context, e)
+        async with self.jobs.attached(to_segment_request(request, self.limits)) as job:
+            async for snapshot in self.jobs.watch(job.id):
+                yield pb.SubscribeEvent(status=to_status(snapshot, True))
+            yield pb.SubscribeEvent(result=self._response(await self.jobs.result(job.id)))
 
     @observed
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfo:
         return self.info
-
-
-def server_info(manifest: object, providers: list[str], backend: str, limits: pb.Limits,
-                defaults: pb.GeneratorDefaults) -> pb.ServerInfo:
-    m = manifest
-    untrained = not m.weights.trained  # type: ignore[attr-defined]
-    model = pb.ModelInfo(name=m.model, weights_origin=m.weights.origin, untrained=untrained,  # type: ignore
-                         backend=backend, providers=providers)
-    warning = ("UNTRAINED WEIGHTS: this server runs randomly initialised engines; its masks are meaningless"
-               if untrained else "")
-    return pb.ServerInfo(version=__version__, model=model, limits=limits, defaults=defaults, warning=warning)

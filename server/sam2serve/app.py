@@ -1,0 +1,165 @@
+"""The composition root: engines → generator → pipeline → job store and worker → data plane, with metrics
+and webhooks listening for finished jobs; then the protocol adapters (gRPC) over that one data plane, and
+the process's life (serving, SIGTERM, drain)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+from wsgiref.simple_server import WSGIServer
+
+from . import __version__
+from .amg import AutoMaskGenerator
+from .config import ServerConfig
+from .engines import Engine, Manifest, open_engine
+from .jobs import JobFinished, JobService, JobStore, Worker
+from .jobs.memory import MemoryJobStore
+from .metrics import Metrics, create_metrics, describe_server, observe_job, serve_metrics
+from .pipeline import SegmentPipeline
+from .webhooks import Webhooks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    """Everything a protocol adapter serves from, independent of any protocol."""
+
+    config: ServerConfig
+    engine: Engine
+    jobs: JobService
+    metrics: Metrics
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.engine.manifest
+
+
+async def load_engine(config: ServerConfig) -> Engine:
+    """The engines `config` names, opened (and warmed up) off the event loop."""
+    loop = asyncio.get_running_loop()
+    if config.backend == "tensorrt":
+        return await loop.run_in_executor(None, lambda: open_engine(str(config.engines), backend="tensorrt"))
+    providers = [p for p in config.providers.split(",") if p] or None
+    return await loop.run_in_executor(None, lambda: open_engine(str(config.engines), providers=providers,
+                                                                intra_op_threads=config.threads))
+
+
+def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None]) -> JobStore:
+    """The Redis store every replica shares when redis_url is set, else this process's own."""
+    if config.redis_url:
+        from .jobs.redis import RedisJobStore
+
+        return RedisJobStore(config.redis_url, queue_size=config.queue_size, result_ttl_s=config.result_ttl_seconds,
+                             prefix=config.redis_prefix, on_finished=on_finished)
+    return MemoryJobStore(queue_size=config.queue_size, result_ttl_s=config.result_ttl_seconds,
+                          result_store_bytes=config.result_store_bytes, on_finished=on_finished)
+
+
+def notify_all(listeners: Sequence[Callable[[JobFinished], None]]) -> Callable[[JobFinished], None]:
+    """One `JobFinished` listener that calls each of `listeners`; one failing does not stop the others."""
+
+    def notify(event: JobFinished) -> None:
+        for listener in listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("a JobFinished listener failed for %s", event.id)
+
+    return notify
+
+
+async def create_app(config: ServerConfig, engine: Engine | None = None) -> App:
+    """Load (or take) the engines and start the job layer."""
+    if engine is None:
+        engine = await load_engine(config)
+    limits = config.input_limits()
+    metrics = create_metrics()
+    store = make_store(config, notify_all([lambda event: observe_job(metrics, event), Webhooks(limits)]))
+    pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
+    jobs = JobService(store, Worker(store, pipeline, workers=config.workers))
+    await jobs.start()
+    info = engine.info
+    describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
+                    info.backend, ",".join(info.providers), jobs.depth)
+    return App(config, engine, jobs, metrics)
+
+
+class Adapter(Protocol):
+    """A protocol served from an `App` (gRPC; others to come), on a port of its own."""
+
+    port: int
+
+    async def start(self) -> None: ...
+    async def set_serving(self, serving: bool) -> None: ...
+    async def stop(self, grace_s: float) -> None: ...
+
+
+@dataclass
+class RunningServer:
+    app: App
+    adapters: list[Adapter]
+    metrics_port: int | None = None
+    _metrics_http: WSGIServer | None = field(default=None, repr=False)
+
+    @property
+    def port(self) -> int:
+        """The first adapter's (gRPC's) port."""
+        return self.adapters[0].port
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.app.config
+
+    async def set_serving(self, serving: bool) -> None:
+        for adapter in self.adapters:
+            await adapter.set_serving(serving)
+
+    async def shutdown(self) -> bool:
+        """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
+        await self.set_serving(False)
+        drained = await self.app.jobs.drain(self.config.drain_seconds)
+        if not drained:
+            log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
+        for adapter in self.adapters:
+            await adapter.stop(grace_s=5.0)
+        await self.app.jobs.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        return drained
+
+
+async def start_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
+    """The app and its adapters, serving on config.host:config.port (metrics on config.metrics_port)."""
+    from .transport.server import GrpcAdapter
+
+    app = await create_app(config, engine)
+    running = RunningServer(app, [GrpcAdapter(app)])
+    if config.metrics_port >= 0:
+        http, _ = serve_metrics(app.metrics, config.host, config.metrics_port)
+        running._metrics_http, running.metrics_port = http, http.server_port
+    await running.set_serving(False)
+    for adapter in running.adapters:
+        await adapter.start()
+    await running.set_serving(True)
+    log.info("serving %s (%s weights) on %s:%d", app.manifest.model, app.manifest.weights.origin, config.host,
+             running.port)
+    return running
+
+
+async def serve_forever(config: ServerConfig) -> int:
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"sam2serve listening on {config.host}:{running.port}"
+          + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.0f s", config.drain_seconds)
+    drained = await running.shutdown()
+    return 0 if drained else 1

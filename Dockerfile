@@ -93,7 +93,7 @@ RUN set -eu; \
 ENV SAM2SERVE_ENGINES=/engines/sam2.1_hiera_tiny SAM2SERVE_PORT=50051 SAM2SERVE_METRICS_PORT=9090
 WORKDIR /tmp
 USER 10001:10001
-# gRPC (with grpc.health.v1) and Prometheus /metrics
-EXPOSE 50051 9090
+# gRPC (with grpc.health.v1), Prometheus /metrics, and fal's HTTP API when SAM2SERVE_HTTP_PORT=8080 is set
+EXPOSE 50051 9090 8080
 # Kubernetes probes it with native gRPC probes (see the chart); the image has no HEALTHCHECK of its own.
 ENTRYPOINT ["sam2serve", "serve"]

@@ -1,5 +1,5 @@
-"""Shared fixtures: one untrained hiera-tiny export per test session (≈ 40 s on 2 cores), and a private
-redis-server per test module that asks for one."""
+"""Shared fixtures: one untrained hiera-tiny export per test session (≈ 40 s on 2 cores), a private
+redis-server per module that asks for one, a throwaway TLS certificate authority."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,18 @@ HAVE_EXPORT_TOOLS = all(importlib.util.find_spec(m) is not None for m in ("torch
 needs_export_tools = pytest.mark.skipif(
     not HAVE_EXPORT_TOOLS, reason="needs the export extra (torch, Meta's sam2, onnx)"
 )
+IN_CI = os.environ.get("CI", "").lower() == "true"
+REDIS_SERVER = shutil.which("redis-server")
+needs_redis = pytest.mark.skipif(REDIS_SERVER is None and not IN_CI, reason="redis-server is not installed "
+                                 "(.ci/setup installs Debian's redis-server when run as root)")
 TINY = "sam2.1_hiera_tiny"
 SEED = 0
+
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose tool is missing, except in CI (CI=true), which installs it: there it fails."""
+    if not available:
+        (pytest.fail if IN_CI else pytest.skip)(f"{what} is not installed (.ci/setup installs it)")
 
 
 def shared_image(name: str) -> Path:
@@ -61,16 +72,12 @@ def tiny_engine(tiny_engine_dir):
     return OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"])
 
 
-REDIS_SERVER = shutil.which("redis-server")
-needs_redis = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed (.ci/setup installs "
-                                                               "Debian's redis-server when run as root)")
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on a unix socket (no port to collide with), without persistence."""
     import redis
 
+    require(REDIS_SERVER is not None, "redis-server (Debian's redis-server)")
     directory = tmp_path_factory.mktemp("redis")
     socket_path = directory / "redis.sock"
     process = subprocess.Popen([REDIS_SERVER, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
@@ -95,3 +102,23 @@ def missing_tool(reason: str) -> None:
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{reason} (CI=true: CI installs it, so its absence is an error)", pytrace=False)
     pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path  # PEM of the throwaway certificate authority (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS)
+    cert: Path  # the server's certificate for 127.0.0.1 and localhost
+    key: Path
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    trustme = pytest.importorskip("trustme") if not IN_CI else __import__("trustme")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    directory = tmp_path_factory.mktemp("tls")
+    files = TlsFiles(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    ca.cert_pem.write_to_path(files.ca)
+    issued.cert_chain_pems[0].write_to_path(files.cert)
+    issued.private_key_pem.write_to_path(files.key)
+    return files

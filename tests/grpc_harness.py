@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import grpc
@@ -18,17 +19,26 @@ from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
 
 
 class ServerThread:
-    def __init__(self, config: ServerConfig, engine: object) -> None:
+    def __init__(self, config: ServerConfig, engine: object, ca: Path | None = None) -> None:
+        """`ca`: the authority of config.tls_cert, for the test's own channel when the server speaks TLS."""
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         metrics_port = 0 if config.metrics_port >= 0 else -1  # a free port each, never the default 9090
-        self.running: RunningServer = self.run(
-            start_server(replace(config, host="127.0.0.1", port=0, metrics_port=metrics_port), engine))
+        http_port = 0 if config.http_port >= 0 else -1
+        self.running: RunningServer = self.run(start_server(
+            replace(config, host="127.0.0.1", port=0, metrics_port=metrics_port, http_port=http_port), engine))
         self.address = f"127.0.0.1:{self.running.port}"
-        self.channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
+        options = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+        self.channel = (grpc.secure_channel(self.address, grpc.ssl_channel_credentials(ca.read_bytes()), options)
+                        if ca is not None else grpc.insecure_channel(self.address, options=options))
         self.stub = pb_grpc.AutoSegmentServiceStub(self.channel)
+
+    @property
+    def http_base(self) -> str:
+        """The base URL of fal's HTTP API (config.http_port)."""
+        scheme = "https" if self.running.config.tls_cert else "http"
+        return f"{scheme}://127.0.0.1:{self.running.http_port}"
 
     def run(self, coro, timeout: float = 120.0):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

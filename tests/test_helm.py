@@ -575,6 +575,33 @@ def test_shared_queue_url_comes_from_a_secret(chart):
     assert "SAM2SERVE_REDIS_URL" not in {e["name"] for e in container(plain).get("env", [])}
 
 
+def test_fal_http_api_behind_a_switch(chart):
+    values = {"server": {"http": {"enabled": True, "port": 8443, "publicUrl": "https://sam2.example.com"},
+                         "redis": {"url": "redis://:pw@redis:6379/0"}}, "service": {"httpPort": 443},
+              "replicaCount": 3}
+    objects = render(chart, values)
+    for obj in objects.values():
+        validate_object(obj)
+    config = objects[("ConfigMap", FULLNAME)]["data"]
+    assert (config["SAM2SERVE_HTTP_PORT"], config["SAM2SERVE_PUBLIC_URL"]) == ("8443", "https://sam2.example.com")
+    server = container(objects)
+    assert port_number(server, "http") == 8443
+    service = {p["name"]: p for p in objects[("Service", FULLNAME)]["spec"]["ports"]}
+    assert (service["http"]["port"], service["http"]["targetPort"], service["http"]["appProtocol"]) == (
+        443, "http", "http")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # probes unchanged: gRPC health
+        assert server[probe]["grpc"] == {"port": 50051}
+    notes = chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)["sam2serve/templates/NOTES.txt"]
+    assert f"fal's HTTP API: http://{FULLNAME}.{NAMESPACE}.svc:443" in notes and "WARNING" not in notes
+
+    # several replicas without a shared queue: the NOTES say why that breaks fal's status and result calls
+    del values["server"]["redis"]
+    notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)["sam2serve/templates/NOTES.txt"]
+    assert "WARNING: several replicas without server.redis" in notes
+    with pytest.raises(Exception, match="publicUrl"):
+        render(chart, {"server": {"http": {"enabled": True, "port": 8080, "publicUrl": "sam2.example.com"}}})
+
+
 @pytest.mark.parametrize("release", ["sam2serve", "r" * 53])
 def test_names_fit_kubernetes_limits(chart, release):
     objects = render(chart, {"service": {"headless": {"enabled": True}}, "autoscaling": {"mode": "hpa"}},
@@ -710,7 +737,8 @@ def test_dockerfile_matches_the_chart(chart):
     uid = values["podSecurityContext"]["runAsUser"]
     assert re.search(rf"^USER {uid}(:{uid})?$", dockerfile, re.M), "the image runs as the chart's uid"
     expose = re.findall(r"^EXPOSE (.+)$", dockerfile, re.M)
-    ports = {str(values["server"]["grpcPort"]), str(values["server"]["metricsPort"])}
+    ports = {str(values["server"]["grpcPort"]), str(values["server"]["metricsPort"]),
+             str(values["server"]["http"]["port"])}
     assert expose and set(expose[-1].split()) == ports
     assert re.search(r'^ENTRYPOINT \["sam2serve", "serve"\]$', dockerfile, re.M)
     stages = dict(re.findall(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", dockerfile, re.M | re.S))

@@ -44,9 +44,11 @@ def samples(text: str) -> dict[tuple[str, frozenset], float]:
 
 def test_series_after_real_calls(server):
     got = samples(scrape(server))
-    assert got[("sam2serve_requests_total", frozenset({"rpc": "AutoSegment", "code": "OK"}.items()))] >= 1
-    assert got[("sam2serve_requests_total", frozenset({"rpc": "AutoSegment", "code": "INVALID_ARGUMENT"}.items()))] >= 1
-    assert got[("sam2serve_rejected_requests_total", frozenset({"reason": "invalid_argument"}.items()))] >= 1
+    grpc_call = {"protocol": "grpc", "rpc": "AutoSegment"}
+    assert got[("sam2serve_requests_total", frozenset({**grpc_call, "code": "OK"}.items()))] >= 1
+    assert got[("sam2serve_requests_total", frozenset({**grpc_call, "code": "INVALID_ARGUMENT"}.items()))] >= 1
+    assert got[("sam2serve_rejected_requests_total",
+                frozenset({"reason": "invalid_argument", "protocol": "grpc"}.items()))] >= 1
     assert got[("sam2serve_untrained_weights", frozenset())] == 1
     build = [labels for (name, labels) in got if name == "sam2serve_build_info"]
     assert build and dict(build[0])["untrained"] == "true" and dict(build[0])["model"] == "sam2.1_hiera_tiny"

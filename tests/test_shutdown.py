@@ -1,4 +1,5 @@
-"""SIGTERM: health flips to NOT_SERVING, new work is refused, work in flight and in the queue finishes."""
+"""SIGTERM: health flips to NOT_SERVING, new work is refused (gRPC and fal's HTTP API), work in flight and in
+the queue finishes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import threading
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -24,16 +26,17 @@ Health = health_pb2.HealthCheckResponse
 
 def test_sigterm_drains_in_flight_and_queued_work(tiny_engine_dir):
     env = {**os.environ, "SAM2SERVE_ENGINES": str(tiny_engine_dir), "SAM2SERVE_PORT": "0",
-           "SAM2SERVE_HOST": "127.0.0.1", "SAM2SERVE_DRAIN_SECONDS": "120", "SAM2SERVE_METRICS_PORT": "0"}
+           "SAM2SERVE_HOST": "127.0.0.1", "SAM2SERVE_DRAIN_SECONDS": "120", "SAM2SERVE_METRICS_PORT": "0",
+           "SAM2SERVE_HTTP_PORT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "sam2serve.cli", "serve"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        port = None
+        port = http_port = None
         for line in proc.stdout:  # type: ignore[union-attr]
-            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+), fal's HTTP API on :(\d+)", line):
+                port, http_port = int(m.group(1)), int(m.group(2))
                 break
-        assert port, "server did not start"
+        assert port and http_port, "server did not start"
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.AutoSegmentServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
@@ -60,6 +63,10 @@ def test_sigterm_drains_in_flight_and_queued_work(tiny_engine_dir):
         with pytest.raises(grpc.RpcError) as refused:
             stub.Submit(quick_request(), timeout=30)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
+        draining = httpx.post(f"http://127.0.0.1:{http_port}/queue/fal-ai/sam2/auto-segment", timeout=30,
+                              json={"image_url": "data:image/png;base64,AAAA"})
+        assert draining.status_code == 503 and "shutting down" in draining.json()["detail"]
+        assert draining.headers["x-fal-retryable"] == "true"
         for t in readers:
             t.join(300)
         for event in results:

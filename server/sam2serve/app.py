@@ -1,6 +1,6 @@
 """The composition root: engines → generator → pipeline → job store and worker → data plane, with metrics
-and webhooks listening for finished jobs; then the protocol adapters (gRPC) over that one data plane, and
-the process's life (serving, SIGTERM, drain)."""
+and webhooks listening for finished jobs; then the protocol adapters (gRPC, and fal's HTTP protocol with
+--http-port) over that one data plane, and the process's life (serving, SIGTERM, drain)."""
 
 from __future__ import annotations
 
@@ -79,7 +79,10 @@ async def create_app(config: ServerConfig, engine: Engine | None = None) -> App:
         engine = await load_engine(config)
     limits = config.input_limits()
     metrics = create_metrics()
-    store = make_store(config, notify_all([lambda event: observe_job(metrics, event), Webhooks(limits)]))
+    from .transport.fal.schema import webhook_body as fal_webhook_body
+
+    webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body})  # fal's body for requests fal's clients made
+    store = make_store(config, notify_all([lambda event: observe_job(metrics, event), webhooks]))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
     jobs = JobService(store, Worker(store, pipeline, workers=config.workers))
     await jobs.start()
@@ -90,8 +93,9 @@ async def create_app(config: ServerConfig, engine: Engine | None = None) -> App:
 
 
 class Adapter(Protocol):
-    """A protocol served from an `App` (gRPC; others to come), on a port of its own."""
+    """A protocol served from an `App` (gRPC, fal's HTTP), on a port of its own."""
 
+    protocol: str  # "grpc", "http": as in the metrics' protocol label
     port: int
 
     async def start(self) -> None: ...
@@ -110,6 +114,11 @@ class RunningServer:
     def port(self) -> int:
         """The first adapter's (gRPC's) port."""
         return self.adapters[0].port
+
+    @property
+    def http_port(self) -> int | None:
+        """fal's HTTP API's port (with --http-port)."""
+        return next((a.port for a in self.adapters if a.protocol == "http"), None)
 
     @property
     def config(self) -> ServerConfig:
@@ -138,7 +147,12 @@ async def start_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     from .transport.server import GrpcAdapter
 
     app = await create_app(config, engine)
-    running = RunningServer(app, [GrpcAdapter(app)])
+    adapters: list[Adapter] = [GrpcAdapter(app)]
+    if config.http_port >= 0:
+        from .transport.fal.serve import FalAdapter
+
+        adapters.append(FalAdapter(app))
+    running = RunningServer(app, adapters)
     if config.metrics_port >= 0:
         http, _ = serve_metrics(app.metrics, config.host, config.metrics_port)
         running._metrics_http, running.metrics_port = http, http.server_port
@@ -158,6 +172,7 @@ async def serve_forever(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(f"sam2serve listening on {config.host}:{running.port}"
+          + (f", fal's HTTP API on :{running.http_port}" if running.http_port is not None else "")
           + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", config.drain_seconds)

@@ -17,6 +17,8 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090  # -1 disables the metrics endpoint; 0 picks a free port
+    http_port: int = -1  # fal's HTTP API (queue, synchronous run, status streams); -1 disables it, 0: a free port
+    public_url: str = ""  # base of the URLs the HTTP API hands out, behind a load balancer ("": the URL called)
     workers: int = 1  # jobs run at once (each uses every core through ONNX Runtime)
     queue_size: int = 32  # jobs waiting; beyond that RESOURCE_EXHAUSTED
     backend: str = "onnx"  # onnx (ONNX Runtime) or tensorrt (plans built by `sam2serve export trt`)

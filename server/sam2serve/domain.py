@@ -45,6 +45,9 @@ class SegmentRequest:
     params: GeneratorParams
     output: OutputOptions = OutputOptions()
     webhook_url: str = ""
+    # How the protocol that took the request answers it (e.g. fal's sync_mode and file URLs): set by the
+    # transport, carried by the job layer untouched, read back by the same transport and by notifications.
+    delivery: dict[str, str] = field(default_factory=dict)
 
     def without_image(self) -> SegmentRequest:
         """The request as kept once its job has ended: the encoded image is no longer needed."""

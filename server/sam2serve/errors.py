@@ -1,5 +1,6 @@
-"""Domain errors. Each names what went wrong in words a caller can act on; a protocol adapter maps each
-class to one status code (sam2serve.grpc_status.STATUS_OF), and anything else becomes INTERNAL without details."""
+"""Domain errors. Each names what went wrong in words a caller can act on; the transport maps each class
+to one row of sam2serve.error_table (gRPC status, HTTP status, fal's error type), and anything else becomes an
+internal error without details."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ class Sam2ServeError(Exception):
 
 class InvalidInput(Sam2ServeError):
     """The request is malformed: a parameter out of range, an unreadable image, a bad data URI."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field  # the request field at fault, when one is (fal's 422 bodies name it)
 
 
 class ImageTooLarge(InvalidInput):

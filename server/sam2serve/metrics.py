@@ -41,11 +41,12 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
     r = registry or CollectorRegistry()
     return Metrics(
         registry=r,
-        requests=Counter("sam2serve_requests", "gRPC calls by method and status code", ["rpc", "code"], registry=r),
-        request_seconds=Histogram("sam2serve_request_duration_seconds", "gRPC call latency, end to end", ["rpc"],
-                                  buckets=SECONDS_BUCKETS, registry=r),
-        rejected=Counter("sam2serve_rejected_requests", "Requests refused before any work, by reason", ["reason"],
-                         registry=r),
+        requests=Counter("sam2serve_requests", "Calls by protocol (grpc: rpc and status code; http: fal's route "
+                         "as the matching rpc, and the HTTP status)", ["rpc", "code", "protocol"], registry=r),
+        request_seconds=Histogram("sam2serve_request_duration_seconds", "Call latency, end to end",
+                                  ["rpc", "protocol"], buckets=SECONDS_BUCKETS, registry=r),
+        rejected=Counter("sam2serve_rejected_requests", "Requests refused before any work, by reason",
+                         ["reason", "protocol"], registry=r),
         queue_wait_seconds=Histogram("sam2serve_queue_wait_seconds", "Time jobs waited in the queue",
                                      buckets=SECONDS_BUCKETS, registry=r),
         job_seconds=Histogram("sam2serve_job_duration_seconds", "Job time from submission to its end, by outcome",

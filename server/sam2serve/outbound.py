@@ -490,7 +490,7 @@ def get(url: str, limits: InputLimits, field: str) -> bytes:
         deadline.cancel()
 
 
-def post_json(url: str, payload: dict[str, str], limits: InputLimits, field: str) -> int:
+def post_json(url: str, payload: dict[str, Any], limits: InputLimits, field: str) -> int:
     """POST `payload` as JSON to `url` under the same address rules (no redirects followed). Returns the HTTP
     status; raises OutboundError when the address is refused or the call fails."""
     import json

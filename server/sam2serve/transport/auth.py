@@ -1,4 +1,4 @@
-"""Optional API-key authentication: `authorization: Key <key>` (as fal) or `Bearer <key>`."""
+"""Optional API-key authentication: `authorization: Key <key>` (as fal) or `Bearer <key>`, for every protocol."""
 
 from __future__ import annotations
 
@@ -9,6 +9,14 @@ from typing import Any
 import grpc
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and discovery stay reachable
+MISSING_KEY = "missing or invalid API key: send 'Authorization: Key <key>' (or 'Bearer <key>')"
+
+
+def key_matches(authorization: str | bytes, key: bytes) -> bool:
+    """Whether an authorization header/metadata value carries `key` (compared in constant time)."""
+    text = authorization.decode(errors="replace") if isinstance(authorization, bytes) else authorization
+    scheme, _, token = text.partition(" ")
+    return scheme.lower() in ("key", "bearer") and hmac.compare_digest(token.strip().encode(), key)
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -17,14 +25,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self._on_reject = on_reject
 
     def _authorised(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
-        for name, value in metadata:
-            if name != "authorization":
-                continue
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() in ("key", "bearer") and hmac.compare_digest(token.strip().encode(), self._key):
-                return True
-        return False
+        return any(name == "authorization" and key_matches(value, self._key) for name, value in metadata)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
@@ -40,7 +41,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    message = "missing or invalid API key: send metadata 'authorization: Key <key>' or 'Bearer <key>'"
+    message = MISSING_KEY
 
     async def unary(request: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -1,49 +1,22 @@
-"""Protobuf ↔ domain objects. Validation of request fields lives here, with messages naming the field."""
+"""Protobuf ↔ domain objects; request fields are validated by sam2serve.request_fields, shared by every protocol."""
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass, replace
-from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from .. import __version__
 from ..amg.params import GeneratorParams, fal_defaults
 from ..app import App
-from ..domain import OutputOptions, SegmentRequest
+from ..domain import SegmentRequest
 from ..engines.base import UNTRAINED_WARNING
 from ..errors import InvalidInput
 from ..grpc_status import status_for
 from ..jobs import JobResult, JobSnapshot, JobState
 from ..outputs.encode import EncodedImage
+from ..request_fields import FIELDS, RequestLimits, segment_request
 from ..v1 import sam2serve_pb2 as pb
 
-
-@dataclass(frozen=True)
-class RequestLimits:
-    max_points_per_side: int = 64
-    max_crop_n_layers: int = 3
-    max_points_per_batch: int = 1024
-
-
-# field: (type, minimum, maximum); a maximum of 0 is taken from RequestLimits
-_RANGES: dict[str, tuple[type, float, float]] = {
-    "points_per_side": (int, 1, 0),  # maximum from RequestLimits
-    "pred_iou_thresh": (float, 0.0, 1.0),
-    "stability_score_thresh": (float, 0.0, 1.0),
-    "min_mask_region_area": (int, 0, 256 * 256),
-    "points_per_batch": (int, 1, 0),
-    "box_nms_thresh": (float, 0.0, 1.0),
-    "crop_n_layers": (int, 0, 0),
-    "crop_nms_thresh": (float, 0.0, 1.0),
-    "crop_overlap_ratio": (float, 0.0, 0.99),
-    "crop_n_points_downscale_factor": (int, 1, 16),
-    "stability_score_offset": (float, 0.0, 32.0),
-    "mask_threshold": (float, -32.0, 32.0),
-    "output_min_region_area": (int, 0, 100_000_000),
-}
-_BOOLS = ("use_m2m", "multimask_output")
+_KIND_NAMES = {"image_url": "url", "image_data_uri": "data_uri", "image_bytes": "bytes"}
 
 
 def to_segment_request(msg: pb.AutoSegmentRequest, limits: RequestLimits,
@@ -53,37 +26,13 @@ def to_segment_request(msg: pb.AutoSegmentRequest, limits: RequestLimits,
         raise InvalidInput("no image in the request: set one of image_url, image_data_uri or image_bytes")
     value = getattr(msg, kind)
     if not value:
-        raise InvalidInput(f"{kind} is empty")
-    maxima = {"points_per_side": limits.max_points_per_side, "crop_n_layers": limits.max_crop_n_layers,
-              "points_per_batch": limits.max_points_per_batch}
-    overrides: dict[str, Any] = {}
-    for name, (kind_of, low, high) in _RANGES.items():
-        if not msg.HasField(name):
-            continue
-        value_of = getattr(msg, name)
-        high = maxima.get(name, high)
-        if isinstance(value_of, float) and not math.isfinite(value_of):
-            raise InvalidInput(f"{name} must be a finite number, got {value_of}")
-        if not low <= value_of <= high:
-            raise InvalidInput(f"{name} must be between {low} and {high}, got {value_of:g}")
-        overrides[name] = kind_of(value_of)
-    for name in _BOOLS:
-        if msg.HasField(name):
-            overrides[name] = getattr(msg, name)
-    params = replace(defaults or fal_defaults(), **overrides)
-    if msg.HasField("max_masks") and msg.max_masks < 0:
-        raise InvalidInput(f"max_masks must be 0 or more, got {msg.max_masks}")
-    output = OutputOptions(
+        raise InvalidInput(f"{kind} is empty", field=kind)
+    fields = {name: getattr(msg, name) for name in FIELDS if msg.HasField(name)}
+    return segment_request(
+        _KIND_NAMES[kind], value, fields, limits, defaults=defaults,
         fmt="jpeg" if msg.output_format == pb.OUTPUT_FORMAT_JPEG else "png",
         individual_masks=msg.return_individual_masks if msg.HasField("return_individual_masks") else True,
-        rle=msg.return_rle,
-        overlay=msg.return_overlay,
-        max_masks=msg.max_masks if msg.HasField("max_masks") else None,
-    )
-    if msg.webhook_url and not msg.webhook_url.startswith(("http://", "https://")):
-        raise InvalidInput(f"webhook_url must be an http or https URL, got {msg.webhook_url[:60]!r}")
-    kind_name = {"image_url": "url", "image_data_uri": "data_uri", "image_bytes": "bytes"}[kind]
-    return SegmentRequest(kind_name, value, params, output, msg.webhook_url)
+        rle=msg.return_rle, overlay=msg.return_overlay, webhook_url=msg.webhook_url)
 
 
 def generator_defaults(params: GeneratorParams) -> pb.GeneratorDefaults:

@@ -10,25 +10,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..app import App
+from ..request_fields import RequestLimits
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
 from .auth import ApiKeyInterceptor
-from .convert import RequestLimits, server_info
+from .convert import server_info
 from .servicer import AutoSegmentServicer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
 
 
 class GrpcAdapter:
+    protocol = "grpc"
+
     def __init__(self, app: App) -> None:
         config = app.config
-        limits = RequestLimits(max_points_per_side=config.max_points_per_side,
-                               max_crop_n_layers=config.max_crop_n_layers)
-        self.servicer = AutoSegmentServicer(app.jobs, server_info(app), limits, config.max_message_bytes,
-                                            app.metrics)
+        self.servicer = AutoSegmentServicer(app.jobs, server_info(app), RequestLimits.of(config),
+                                            config.max_message_bytes, app.metrics)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", config.max_message_bytes)]
-        interceptors = ([ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated").inc)]
+        interceptors = ([ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
                         if config.api_key else [])
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_AutoSegmentServiceServicer_to_server(self.servicer, self.server)

@@ -13,13 +13,14 @@ from typing import Any
 
 import grpc
 
-from ..errors import InvalidInput, QueueFull, ResultTooLarge, ShuttingDown
-from ..grpc_status import status_for
+from ..error_table import error_code
+from ..errors import ResultTooLarge
 from ..jobs import CancelOutcome, JobResult, JobService
 from ..metrics import Metrics
+from ..request_fields import RequestLimits
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
-from .convert import RequestLimits, to_response, to_segment_request, to_status
+from .convert import to_response, to_segment_request, to_status
 
 log = logging.getLogger(__name__)
 
@@ -27,24 +28,21 @@ _CANCEL = {CancelOutcome.CANCELLED_IN_QUEUE: pb.CancelResponse.CANCELLED_IN_QUEU
            CancelOutcome.CANCELLING_IN_PROGRESS: pb.CancelResponse.CANCELLING_IN_PROGRESS,
            CancelOutcome.ALREADY_CANCELLED: pb.CancelResponse.ALREADY_CANCELLED,
            CancelOutcome.ALREADY_FINISHED: pb.CancelResponse.ALREADY_FINISHED}
-_REJECTION_REASONS = ((QueueFull, "queue_full"), (ShuttingDown, "shutting_down"),
-                      (ResultTooLarge, "result_too_large"), (InvalidInput, "invalid_argument"))
+PROTOCOL = "grpc"  # the protocol label of this adapter's metrics
 
 
 def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
-    """Every RPC: an error becomes its status (`grpc_status.status_for`; INTERNAL, logged, for a bug), and
+    """Every RPC: an error becomes its status (`error_table`; INTERNAL, logged, for a bug), and
     the call is counted by method and final status code and timed (sam2serve_requests_total, ...)."""
     name = rpc.__name__
 
     async def fail(self: AutoSegmentServicer, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        for kind, reason in _REJECTION_REASONS:
-            if isinstance(exc, kind):
-                self.metrics.rejected.labels(reason).inc()
-                break
-        code, message = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL:
+        code, message = error_code(exc)
+        if code.rejected:
+            self.metrics.rejected.labels(code.rejected, PROTOCOL).inc()
+        if code.grpc is grpc.StatusCode.INTERNAL:
             log.error("internal error in %s", type(exc).__name__, exc_info=exc)
-        await context.abort(code, message)
+        await context.abort(code.grpc, message)
 
     def record(self: AutoSegmentServicer, start: float, context: grpc.aio.ServicerContext,
                exc: BaseException | None) -> None:
@@ -55,8 +53,8 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
         else:
             got = context.code()
             code = got.name if isinstance(got, grpc.StatusCode) else "UNKNOWN"
-        self.metrics.requests.labels(name, code).inc()
-        self.metrics.request_seconds.labels(name).observe(time.perf_counter() - start)
+        self.metrics.requests.labels(name, code, PROTOCOL).inc()
+        self.metrics.request_seconds.labels(name, PROTOCOL).observe(time.perf_counter() - start)
 
     if inspect.isasyncgenfunction(rpc):
         @functools.wraps(rpc)

@@ -1,0 +1,2 @@
+"""fal's HTTP protocol for fal-ai/sam2/auto-segment (queue, synchronous run, status streams, webhooks), so that
+@fal-ai/client and fal-client work against this server by changing their base URL. See routes.py."""

@@ -1,0 +1,122 @@
+"""Files the JavaScript client uploads before a request (a Blob or File in the input becomes a URL).
+
+@fal-ai/client asks `rest.fal.ai/storage/upload/initiate` for an upload URL, PUTs the bytes there (with no
+Authorization header) and sends the file URL it was given in place of the Blob. Here both URLs are
+`<base>/fal/uploads/<token>`: the token is issued to an authenticated caller, accepts one PUT, and a request
+whose image_url names it reads the bytes from this store instead of fetching a URL. Kept in Redis when the
+queue is (any replica may take the PUT or the request), else in this process; either way for the result TTL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from ...errors import QueueUnavailable
+
+UPLOAD_PATH = "/fal/uploads/"
+_TOKEN = re.compile(r"^/fal/uploads/([A-Za-z0-9_-]{22,64})$")
+
+
+class Uploads(Protocol):
+    async def issue(self) -> str: ...
+    async def put(self, token: str, data: bytes) -> bool:
+        """Store the bytes of an issued token not yet filled; False otherwise."""
+        ...
+    async def get(self, token: str) -> bytes | None: ...
+    async def close(self) -> None: ...
+
+
+def token_of(url: str) -> str | None:
+    """The token of an upload URL of this server (any host: the token itself is the capability)."""
+    try:
+        match = _TOKEN.match(urlsplit(url).path)
+    except ValueError:
+        return None
+    return match.group(1) if match else None
+
+
+class MemoryUploads:
+    def __init__(self, ttl_s: float, max_bytes: int) -> None:
+        self._ttl, self._max_bytes = ttl_s, max_bytes
+        self._files: dict[str, tuple[float, bytes | None]] = {}
+
+    async def issue(self) -> str:
+        self._expire()
+        token = secrets.token_urlsafe(24)
+        self._files[token] = (time.monotonic() + self._ttl, None)
+        return token
+
+    async def put(self, token: str, data: bytes) -> bool:
+        self._expire()
+        entry = self._files.get(token)
+        if entry is None or entry[1] is not None:
+            return False
+        self._files[token] = (entry[0], data)
+        return True
+
+    async def get(self, token: str) -> bytes | None:
+        self._expire()
+        entry = self._files.get(token)
+        return entry[1] if entry else None
+
+    async def close(self) -> None:
+        self._files.clear()
+
+    def _expire(self) -> None:
+        now, stored = time.monotonic(), 0
+        for token, (expires, data) in sorted(self._files.items(), key=lambda item: -item[1][0]):
+            stored += len(data or b"")
+            if expires < now or stored > self._max_bytes:  # expired, or beyond the store's byte budget (oldest go)
+                del self._files[token]
+
+
+class RedisUploads:
+    def __init__(self, url: str, prefix: str, ttl_s: float) -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(url)
+        self._prefix, self._ttl = prefix + "upload:", max(1, int(ttl_s))
+
+    async def issue(self) -> str:
+        token = secrets.token_urlsafe(24)
+        async with _unavailable_on_redis_errors():
+            await self._redis.set(self._prefix + token, b"", ex=self._ttl)
+        return token
+
+    async def put(self, token: str, data: bytes) -> bool:
+        # One PUT per token: only an issued, still empty key is filled (the script makes check and set atomic).
+        async with _unavailable_on_redis_errors():
+            return bool(await self._redis.eval(_FILL_IF_EMPTY, 1, self._prefix + token, data, self._ttl))
+
+    async def get(self, token: str) -> bytes | None:
+        async with _unavailable_on_redis_errors():
+            data = await self._redis.get(self._prefix + token)
+        return data.encode() if isinstance(data, str) else data or None  # bytes: no decode_responses here
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_on_redis_errors() -> AsyncIterator[None]:
+    import redis
+
+    try:
+        yield
+    except redis.RedisError as e:
+        raise QueueUnavailable(f"the upload store is unreachable; retry later ({type(e).__name__})") from None
+
+
+_FILL_IF_EMPTY = """
+if redis.call('STRLEN', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""

@@ -1,0 +1,177 @@
+"""fal's HTTP API at the HTTP level (httpx, as curl would): the server-sent event stream, result files (key,
+expiry), fal's error shapes for bad input, uploads, the proxy URL, and the metrics' protocol label."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import needs_export_tools
+from fal_harness import APP, KEY, PNG, QUICK, data_uri, sse_events
+from grpc_harness import ServerThread
+from sam2serve.config import ServerConfig
+
+pytestmark = needs_export_tools
+QUEUE = "/queue/fal-ai/sam2/requests"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine):
+    s = ServerThread(ServerConfig(workers=1, queue_size=4, api_key=KEY, http_port=0), tiny_engine)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.http_base, headers={"Authorization": f"Key {KEY}"}, timeout=300) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def short_lived(tiny_engine):
+    """Results kept 2 s, images of at most 100 kB."""
+    s = ServerThread(ServerConfig(http_port=0, api_key=KEY, result_ttl_seconds=2, max_image_bytes=100_000),
+                     tiny_engine)
+    yield s
+    s.stop()
+
+
+def submit(http: httpx.Client, **fields: object) -> str:
+    response = http.post(f"/queue/{APP}", json={"image_url": data_uri(), **QUICK, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()["request_id"]
+
+
+def test_the_status_stream_is_server_sent_events_ending_at_completion(http):
+    request_id = submit(http)
+    events = list(sse_events(http, f"{QUEUE}/{request_id}/status/stream?logs=1"))
+    order = {"IN_QUEUE": 0, "IN_PROGRESS": 1, "COMPLETED": 2}
+    states = [order[e["status"]] for e in events]
+    assert states == sorted(states) and states[-1] == 2 and {e["request_id"] for e in events} == {request_id}
+    assert any(e["status"] == "IN_PROGRESS" and "progress" in e for e in events) or states[0] == 2
+    # each event carries the log entries added since the one before: together they are the request's logs
+    streamed = [entry for e in events for entry in e["logs"]]
+    assert streamed == http.get(f"{QUEUE}/{request_id}/status", params={"logs": 1}).json()["logs"]
+    assert "UNTRAINED" in streamed[0]["message"] and streamed[0]["level"] == "WARN"
+    assert events[-1]["metrics"]["inference_time"] > 0
+
+    # a finished request's stream is its final status, then the end; an unknown one is a 404 before any stream
+    [final] = list(sse_events(http, f"{QUEUE}/{request_id}/status/stream"))
+    assert final["status"] == "COMPLETED" and final["logs"] is None
+    unknown = http.get(f"{QUEUE}/no-such-id/status/stream")
+    assert unknown.status_code == 404 and unknown.json()["error_type"] == "not_found"
+    assert http.get(f"{QUEUE}/{request_id}/status/stream", headers={"Authorization": "Key nope"}).status_code == 401
+
+
+def test_result_files_need_the_key_and_expire_with_the_result(short_lived):
+    with httpx.Client(base_url=short_lived.http_base, headers={"Authorization": f"Key {KEY}"}, timeout=300) as http:
+        response = http.post(f"/{APP}", json={"image_url": data_uri(), **QUICK})
+        assert response.status_code == 200, response.text
+        request_id = response.headers["x-fal-request-id"]
+        output = response.json()
+        url = output["combined_mask"]["url"]
+        assert url == f"{short_lived.http_base}/files/{request_id}/combined_mask.png"
+        picture = http.get(url)
+        assert picture.status_code == 200 and picture.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(picture.content) == output["combined_mask"]["file_size"]
+        assert picture.headers["cache-control"] in ("private, max-age=0", "private, max-age=1", "private, max-age=2")
+        assert httpx.get(url).status_code == 401
+        assert http.get(f"/files/{request_id}/no_such_file.png").status_code == 404
+        deadline = time.monotonic() + 60
+        while (gone := http.get(url)).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the result's time to live passing, not a synchronisation
+        assert gone.status_code == 404 and gone.json()["error_type"] == "not_found"
+        assert http.get(f"{QUEUE}/{request_id}").status_code == 404
+
+
+@pytest.mark.parametrize(("body", "field", "message"), [
+    ({}, "image_url", "image_url is required"),
+    ({"image_url": ""}, "image_url", "image_url is required"),
+    ({"image_url": data_uri(), "output_format": "gif"}, "output_format", "output_format must be one of png, jpeg"),
+    ({"image_url": data_uri(), "sync_mode": "yes"}, "sync_mode", "sync_mode must be true or false"),
+    ({"image_url": data_uri(), "points_per_side": 4.5}, "points_per_side", "points_per_side must be an integer"),
+    ({"image_url": data_uri(), "pred_iou_thresh": "high"}, "pred_iou_thresh", "pred_iou_thresh must be a number"),
+    ({"image_url": data_uri(), "stability_score_thresh": 2}, "stability_score_thresh", "must be between 0 and 1"),
+    ({"image_url": data_uri(), "colour": "red"}, "colour", "unknown field 'colour'"),
+    ([data_uri()], None, "the request body must be a JSON object"),
+])
+def test_bad_input_is_a_422_in_fals_shape(http, body, field, message):
+    response = http.post(f"/queue/{APP}", json=body)
+    assert response.status_code == 422 and response.headers["x-fal-error-type"] == "value_error"
+    [detail] = response.json()["detail"]
+    assert detail["loc"] == (["body", field] if field else ["body"]) and message in detail["msg"]
+    assert detail["type"] == "value_error" and detail["url"].startswith("https://docs.fal.ai/errors")
+
+
+def test_unreadable_bodies_and_other_apps(http, short_lived):
+    broken = http.post(f"/queue/{APP}", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert broken.status_code == 422 and "not valid JSON" in broken.json()["detail"][0]["msg"]
+    other = http.post("/queue/fal-ai/flux/dev", json={"prompt": "a cat"})
+    assert other.status_code == 404 and f"serves {APP}" in other.json()["detail"]
+    big = httpx.post(f"{short_lived.http_base}/{APP}", headers={"Authorization": f"Key {KEY}"},
+                     json={"image_url": data_uri(b"\x00" * 1_200_000)}, timeout=60)
+    assert big.status_code == 422 and big.json()["detail"][0]["type"] == "image_too_large"
+
+
+def test_an_upload_takes_one_put_and_is_read_back(http, server):
+    issued = http.post("/storage/upload/initiate?storage_type=fal-cdn-v3",
+                       json={"content_type": "image/png", "file_name": "x.png"})
+    assert issued.status_code == 200
+    upload_url, file_url = issued.json()["upload_url"], issued.json()["file_url"]
+    assert upload_url.startswith(f"{server.http_base}/fal/uploads/")
+    assert httpx.put(upload_url, content=PNG).status_code == 200  # no key: the URL is the permission
+    assert httpx.put(upload_url, content=b"other").status_code == 404  # once
+    assert httpx.put(f"{server.http_base}/fal/uploads/{'x' * 32}", content=PNG).status_code == 404
+    assert http.get(file_url).content == PNG and httpx.get(file_url).status_code == 401
+    assert httpx.post(f"{server.http_base}/storage/upload/initiate", json={}).status_code == 401
+
+
+def test_the_proxy_url_serves_fal_urls_only(http):
+    request_id = submit(http, points_per_side=1)
+    direct = http.get(f"{QUEUE}/{request_id}/status")
+    proxied = http.get("/fal/proxy", headers={
+        "x-fal-target-url": f"https://queue.fal.run/fal-ai/sam2/requests/{request_id}/status"})
+    assert proxied.status_code == 200 and proxied.json()["request_id"] == direct.json()["request_id"] == request_id
+    for target in ("", "https://example.com/fal-ai/sam2/auto-segment", "http://fal.run/fal-ai/sam2/auto-segment"):
+        refused = http.post("/fal/proxy", headers={"x-fal-target-url": target} if target else {}, json={})
+        assert refused.status_code == 400 and "x-fal-target-url" in refused.json()["detail"]
+    http.put(f"{QUEUE}/{request_id}/cancel")
+
+
+def test_http_calls_are_counted_with_a_protocol_label(http, server):
+    http.get(f"{QUEUE}/no-such-id/status")
+    httpx.get(f"{server.http_base}{QUEUE}/no-such-id/status")
+    http.post(f"/queue/{APP}", json={})
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=10) as r:
+        got = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(r.read().decode()) for s in family.samples}
+    http_call = {"protocol": "http", "rpc": "GetStatus"}
+    assert got[("sam2serve_requests_total", frozenset({**http_call, "code": "404"}.items()))] >= 1
+    assert got[("sam2serve_requests_total", frozenset({**http_call, "code": "401"}.items()))] >= 1
+    assert got[("sam2serve_request_duration_seconds_count", frozenset(http_call.items()))] >= 3
+    for reason in ("unauthenticated", "invalid_argument"):
+        assert got[("sam2serve_rejected_requests_total", frozenset({"reason": reason, "protocol": "http"}.items()))]
+
+
+def test_a_synchronous_caller_that_leaves_takes_its_job_with_it(server):
+    def cancelled() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=10) as r:
+            return next((s.value for family in text_string_to_metric_families(r.read().decode())
+                         for s in family.samples if s.name == "sam2serve_job_duration_seconds_count"
+                         and s.labels == {"outcome": "cancelled"}), 0.0)
+
+    before = cancelled()
+    with httpx.Client(base_url=server.http_base, headers={"Authorization": f"Key {KEY}"}) as http:
+        request_id = submit(http, points_per_side=32)  # holds the worker, so the synchronous call's job waits
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(f"/{APP}", json={"image_url": data_uri(), **QUICK}, timeout=httpx.Timeout(60, read=2))
+        http.put(f"{QUEUE}/{request_id}/cancel")
+        deadline = time.monotonic() + 300
+        while cancelled() < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)  # both cancellations reaching the job layer; the counter is what is awaited
+    assert cancelled() == before + 2

@@ -313,7 +313,10 @@ class TensorRTEngine(FactoredDecoding):
         warmup: bool = True,
         verify_hashes: bool = True,
         decoder_memory_bytes: int = DEFAULT_DECODER_MEMORY,
+        factored: bool = True,
     ) -> None:
+        """`factored=False` runs every prompt through the decoder plan (as plans built before the factored decoder
+        do); `decoder_memory_bytes` bounds the host memory of a factored head's batch."""
         trt, cudart = _import_backends()
         self.directory = Path(directory)
         self.providers = ["TensorRT"]
@@ -340,9 +343,10 @@ class TensorRTEngine(FactoredDecoding):
             self._encoder = self._open(trt, "encoder", ENCODER_INPUTS, ENCODER_OUTPUTS)
             self._decoder = self._open(trt, "decoder", DECODER_INPUTS, DECODER_OUTPUTS)
             _, _, (self.max_batch, self.max_points, _) = self._decoder.profile_shapes("point_coords")
-            if all(role in self.trt_manifest["plans"] for role in FACTORED_ROLES):
+            has_plans = all(role in self.trt_manifest["plans"] for role in FACTORED_ROLES)
+            if factored and has_plans:
                 self._factored = self._open_factored(trt, decoder_memory_bytes)
-            elif set(FACTORED_ROLES) <= set(self.manifest.engines):
+            elif factored and set(FACTORED_ROLES) <= set(self.manifest.engines):
                 log.info("plans in %s predate the factored decoder: every prompt runs the decoder plan; rebuild the "
                          "TensorRT plans for the factored one", self.plan_dir)
             warn_if_untrained(self.directory, self.manifest)
@@ -441,17 +445,20 @@ class TensorRTEngine(FactoredDecoding):
         point_labels: np.ndarray,
         mask_input: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The raw graph: logits and IoU of every mask token, [B, T, 256, 256] and [B, T].
+        """Logits and IoU of every mask token, [B, T, 256, 256] and [B, T]: the factored decoder's plans without a
+        mask input (when built), the decoder plan with one.
 
-        Batches above the plan's profile maximum run in chunks of that size.
+        Batches above the plans' profile maximum run in chunks of that size.
         """
         batch, points = point_coords.shape[:2]
         if batch == 0:
             raise ValueError("decode needs at least one prompt")
-        if points > self.max_points:
+        if points > self.max_points:  # the factored plans are built for the same range of points
             raise ValueError(
                 f"{points} points per prompt; the TensorRT plan was built for at most {self.max_points}"
             )
+        if mask_input is None and self._factored is not None:
+            return self._factored.decode_all_tokens(features, point_coords, point_labels)
         feeds = decoder_feeds(features, point_coords, point_labels, mask_input, self.manifest.low_res_mask_size)
         masks, iou = [], []
         with self._lock:

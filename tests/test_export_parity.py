@@ -88,11 +88,12 @@ def test_factored_decoder_equals_the_whole_decoder(tiny_model, tiny_engine_dir):
     from sam2serve_export.wrappers import example_decoder_inputs
 
     engine = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False)
-    assert engine.can_skip_masks and engine.factored is not None
+    whole = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, factored=False)
+    assert engine.can_skip_masks and engine.factored is not None and whole.factored is None
     args = example_decoder_inputs(tiny_model, 16, points=1, seed=11)
     features = ImageFeatures(*(a.numpy() for a in args[:3]))
     coords, labels = args[3].numpy(), args[4].numpy()
-    whole_masks, whole_iou = engine._decoder.run(None, engine._prompt_feeds(features, coords, labels, None))
+    whole_masks, whole_iou = whole.decode_all_tokens(features, coords, labels)
     masks, iou = engine.decode_all_tokens(features, coords, labels)
     np.testing.assert_allclose(iou, whole_iou, atol=1e-6)
     np.testing.assert_allclose(masks, whole_masks, atol=1e-4 * np.abs(whole_masks).max())

@@ -232,7 +232,7 @@ def _token_choice(decoder: Decoder, masks: torch.Tensor, iou: torch.Tensor) -> t
 
 @pytest.mark.parametrize(("batch", "points", "box"), [(1, 1, False), (3, 3, False), (3, 1, True)])
 def test_whole_decoder_matches_metas_in_float32(tiny_decoder, batch, points, box):
-    """Float32 against float32; batches of 64 and 257 through the exported graphs are in test_factored_engine."""
+    """Float32 against float32; batches of 64 and 257 through the exported graphs are in test_export_parity."""
     decoder = Decoder(tiny_decoder)
     feats = features(decoder, seed=batch)
     coords, labels = prompts(batch, points, box, seed=points)

@@ -228,7 +228,10 @@ def test_image_defaults_agree_with_the_chart(image, chart_defaults):
     assert config["User"] == f"{uid}:{gid}"
     assert server["securityContext"]["runAsUser"] == uid
     assert config["Entrypoint"] == server["command"]
-    assert set(config["ExposedPorts"]) == {f"{p['containerPort']}/tcp" for p in server["ports"]}
+    exposed = set(config["ExposedPorts"])
+    assert {f"{p['containerPort']}/tcp" for p in server["ports"]} <= exposed
+    with_http = render_server({"server": {"http": {"enabled": True}}})["container"]
+    assert exposed == {f"{p['containerPort']}/tcp" for p in with_http["ports"]}, "fal's HTTP port as the chart's"
     image_env = dict(e.split("=", 1) for e in config["Env"])
     for name in ("SAM2SERVE_ENGINES", "SAM2SERVE_PORT", "SAM2SERVE_METRICS_PORT"):
         assert image_env[name] == env[name], name

@@ -252,7 +252,7 @@ def test_sharpened_weights_in_float32(tiny_decoder):
     sparse = sparse_embeddings(decoder, coords, labels)
     masks, iou = factored(decoder, feats, sparse)
     ref_masks, ref_iou = metas(decoder, feats, sparse)
-    assert relative(iou, ref_iou) < FLOAT32 and relative(masks, ref_masks) < 1e-4
+    assert relative(iou, ref_iou) < FLOAT32 and relative(masks, ref_masks) < FLOAT32  # measured ≈ 1e-6
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
+# Real photos sit beside the checkout (../shared/images); SAM2SERVE_TEST_IMAGES points elsewhere (a worktree).
+SHARED_IMAGES = Path(os.environ.get("SAM2SERVE_TEST_IMAGES")
+                     or Path(__file__).resolve().parents[2] / "shared" / "images")
 HAVE_EXPORT_TOOLS = all(importlib.util.find_spec(m) is not None for m in ("torch", "sam2", "onnx"))
 needs_export_tools = pytest.mark.skipif(
     not HAVE_EXPORT_TOOLS, reason="needs the export extra (torch, Meta's sam2, onnx)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from itertools import pairwise
 
+import numpy as np
 import pytest
 
 from conftest import needs_export_tools, shared_image
@@ -60,12 +61,15 @@ def _assert_parity(report):
 def test_synthetic_decoder_parity_and_every_filter_acts(synthetic_pair):
     model, generator = synthetic_pair
     image = synthetic_scene(480, 640, seed=3)
-    seen = {}
+    seen, engine = {}, generator.engine
     for name, params in CONFIGS.items():
+        engine.prompts = engine.masked_prompts = 0
         report, counts = _compare(model, generator, image, params)
         _assert_parity(report)
         assert report.our_masks > 3, name
         seen[name] = counts
+        if name in ("default", "fal"):  # the production path: IoU first, masks for the prompts that need them
+            assert engine.prompts == counts["candidates"] // 3 and 0 < engine.masked_prompts < engine.prompts, name
     default, fal, crops = seen["default"], seen["fal"], seen["crop_n_layers=1"]
     assert 0 < default["after_iou"] < default["candidates"]
     assert 0 < default["after_stability"] < default["after_iou"]
@@ -91,6 +95,31 @@ def test_untrained_engines_end_to_end_match_the_torch_model(tiny_engine_dir, tin
     params = GeneratorParams(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     report, counts = _compare(tiny_model, AutoMaskGenerator(engine), synthetic_scene(), params)
     assert counts["candidates"] == 48 and report.our_masks >= 1
+    assert report.reference_masks == report.our_masks and report.mean_iou >= MIN_MIOU
+
+
+def test_untrained_engines_through_the_iou_first_path_match_the_torch_model(tiny_engine_dir, tiny_model):
+    """The factored prompt head ranks prompts, the mask head runs for those with a candidate above the threshold;
+    against Meta's generator on the torch model. The threshold sits inside the narrow IoU range of untrained
+    weights so that some prompts pass and others do not."""
+    from sam2serve.amg.grids import build_all_layer_point_grids
+    from sam2serve.preprocess import to_model_coords, to_model_input
+
+    engine = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False)
+    image, m = synthetic_scene(), engine.manifest
+    features = engine.encode(to_model_input(image, m.image_size, m.pixel_mean, m.pixel_std))
+    points = build_all_layer_point_grids(4, 0, 1)[0] * np.array(image.shape[1::-1])
+    coords = to_model_coords(points.astype(np.float32), image.shape[:2], m.image_size)[:, None]
+    best = np.sort(engine.factored.prompt_head(features, coords, np.ones((16, 1), np.float32))[0][:, 1:].max(1))
+    assert best[0] < best[-1], "untrained weights gave every prompt the same IoU"
+    threshold = float(best[7] + best[8]) / 2  # about half the prompts have a candidate above it
+    params = GeneratorParams(points_per_side=4, pred_iou_thresh=threshold, stability_score_thresh=0.0)
+    before = engine.factored.stats.as_dict()
+    report, counts = _compare(tiny_model, AutoMaskGenerator(engine), image, params)
+    after = engine.factored.stats.as_dict()
+    assert after["prompts"] - before["prompts"] == 16
+    assert 0 < after["masked_prompts"] - before["masked_prompts"] < 16
+    assert 0 < counts["after_iou"] < counts["candidates"] and report.our_masks >= 1
     assert report.reference_masks == report.our_masks and report.mean_iou >= MIN_MIOU
 
 

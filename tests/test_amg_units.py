@@ -129,6 +129,31 @@ def test_stability_and_box_of_a_map_below_every_threshold_need_no_upsampling(mon
     assert np.isnan(stability) and not box.any()
 
 
+def test_box_of_a_map_inside_the_stability_band_needs_no_upsampling(monkeypatch):
+    """Untrained weights give logits wholly inside mask_threshold ± offset: both stability counts are decided at
+    low resolution, and the box comes from the outermost output rows and columns alone."""
+    import cv2
+
+    import sam2serve.amg.masks as masks
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:256, 0:256]
+    maps = [rng.uniform(-0.8, 0.4, (256, 256)), rng.uniform(-0.9, -0.1, (256, 256))]
+    for cy, cx, r in rng.uniform(0, 256, (6, 3)):
+        maps.append(0.9 * np.tanh((0.3 * r - np.hypot(yy - cy, xx - cx)) / 10))
+    spot = np.full((256, 256), -0.5)
+    spot[255, 3] = 0.5
+    maps.append(spot)
+    cases = [(m.astype(np.float32), hw) for m in maps for hw in [(1200, 1800), (333, 500), (700, 90)]]
+    expected = [(stability_score(up := upsample_logits(m, hw), 0.0, 1.0), mask_to_box(up > 0.0)) for m, hw in cases]
+    monkeypatch.setattr(masks, "upsample_logits", lambda *_: pytest.fail("upsampled a map inside the band"))
+    monkeypatch.setattr(cv2, "resize", lambda *_, **__: pytest.fail("resized a map inside the band"))
+    for (m, hw), (stability, box) in zip(cases, expected, strict=True):
+        got_stability, got_box = masks.upsampled_stability_and_box(m, hw, 0.0, 1.0)
+        np.testing.assert_array_equal(got_box, box)
+        assert got_stability == stability
+
+
 def test_boxes_match_including_empty_masks():
     import torch
     from sam2.utils.amg import batched_mask_to_box

@@ -35,8 +35,12 @@ def test_parity_with_torch_and_metas_predictor_on_a_synthetic_image(tiny_model, 
 
     rows = verify_engines(tiny_model, tiny_engine_dir, synthetic_scene(), "synthetic")
     cases = {(r.graph, r.case) for r in rows}
-    assert ("decoder", "random B=64") in cases and ("decoder", "random B=1") in cases
-    assert any("single (dynamic)" in case for _, case in cases)
+    for batch in (1, 257):
+        assert ("factored", f"random B={batch} P=1") in cases
+    assert ("factored", "random B=64 P=3") in cases and ("factored", "random B=16 P=2 +box") in cases
+    assert ("decoder", "random B=8 +mask") in cases
+    assert any("single (dynamic)" in case for _, case in cases) and any("box+point" in case for _, case in cases)
+    assert all(r.relative == 0.0 for r in rows if r.output == "token choice")
     assert max(r.relative for r in rows) < DEFAULT_TOLERANCE
     assert all(r.sign_flips < 1e-4 for r in rows if r.sign_flips is not None)
     check_parity(rows)
@@ -46,7 +50,7 @@ def test_parity_on_a_real_photo(tiny_model, tiny_engine_dir):
     from sam2serve_export.verify import check_parity, verify_engines
 
     path = shared_image("truck.jpg")
-    check_parity(verify_engines(tiny_model, tiny_engine_dir, read_rgb(path), path.name))
+    check_parity(verify_engines(tiny_model, tiny_engine_dir, read_rgb(path), path.name, cases=((8, 1, False),)))
 
 
 def test_check_parity_fails_loudly_above_tolerance():
@@ -76,22 +80,32 @@ def test_single_mask_selection_matches_metas_decoder(tiny_model):
     np.testing.assert_array_equal(ious, ref_iou.numpy())
 
 
-def test_split_decoder_equals_the_whole_decoder(tiny_model, tiny_engine_dir):
-    """prompt_head + mask_head compute what decoder.onnx computes; decode_above makes masks only for
-    prompts with a multimask IoU above the threshold, and those masks are the decoder's."""
+def test_factored_decoder_equals_the_whole_decoder(tiny_model, tiny_engine_dir):
+    """decoder_context + prompt_head + mask_head compute what decoder.onnx computes; decode_above makes masks only
+    for prompts with a multimask IoU above the threshold, and those masks are the decoder's."""
+    from sam2serve.engines.base import ImageFeatures
     from sam2serve.engines.onnx_engine import OnnxEngine
     from sam2serve_export.wrappers import example_decoder_inputs
 
     engine = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False)
-    assert engine.can_skip_masks
+    whole = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, factored=False)
+    assert engine.can_skip_masks and engine.factored is not None and whole.factored is None
     args = example_decoder_inputs(tiny_model, 16, points=1, seed=11)
-    features = type(engine.encode(np.zeros((1, 3, 1024, 1024), np.float32)))(*(a.numpy() for a in args[:3]))
+    features = ImageFeatures(*(a.numpy() for a in args[:3]))
     coords, labels = args[3].numpy(), args[4].numpy()
-    whole = engine.decode(features, coords, labels)
-    threshold = float(np.median(whole.iou_predictions.max(axis=1)))  # about half the prompts pass
+    whole_masks, whole_iou = whole.decode_all_tokens(features, coords, labels)
+    masks, iou = engine.decode_all_tokens(features, coords, labels)
+    np.testing.assert_allclose(iou, whole_iou, atol=1e-6)
+    np.testing.assert_allclose(masks, whole_masks, atol=1e-4 * np.abs(whole_masks).max())
+    threshold = float(np.median(whole_iou[:, 1:].max(axis=1)))  # about half the prompts pass
+    stats = engine.factored.stats.as_dict()
     split = engine.decode_above(features, coords, labels, threshold)
-    np.testing.assert_allclose(split.iou_predictions, whole.iou_predictions, atol=1e-6)
-    needed = (whole.iou_predictions > threshold).any(axis=1)
+    np.testing.assert_allclose(split.iou_predictions, whole_iou[:, 1:], atol=1e-6)
+    needed = (whole_iou[:, 1:] > threshold).any(axis=1)
     assert 0 < needed.sum() < len(needed)
-    np.testing.assert_allclose(split.low_res_logits[needed], whole.low_res_logits[needed], atol=1e-4)
+    np.testing.assert_allclose(split.low_res_logits[needed], whole_masks[needed, 1:],
+                               atol=1e-4 * np.abs(whole_masks).max())
     assert not split.low_res_logits[~needed].any()
+    after = engine.factored.stats.as_dict()
+    assert after["masked_prompts"] - stats["masked_prompts"] == needed.sum()
+    assert after["prompts"] - stats["prompts"] == len(needed) and after["contexts"] == stats["contexts"]

@@ -175,3 +175,54 @@ def test_a_synchronous_caller_that_leaves_takes_its_job_with_it(server):
         while cancelled() < before + 2 and time.monotonic() < deadline:
             time.sleep(0.2)  # both cancellations reaching the job layer; the counter is what is awaited
     assert cancelled() == before + 2
+
+
+# -- fal-ai/sam2/image: prompts on the prompt data plane ------------------------------------------------------
+IMAGE_APP = "/fal-ai/sam2/image"
+CLICK = [{"x": 10, "y": 10}]
+
+
+@pytest.mark.parametrize(("body", "field", "message"), [
+    ({"prompts": CLICK}, "image_url", "image_url is required"),
+    ({"image_url": data_uri()}, "prompts", "no prompt: give at least one point (prompts) or one box (box_prompts)"),
+    ({"image_url": data_uri(), "prompts": [{"x": 400, "y": 10}]}, "prompts",
+     "prompts[0] = (400, 10) lies outside the 320x240 image"),
+    ({"image_url": data_uri(), "box_prompts": [{"x_min": 200, "y_min": 10, "x_max": 100, "y_max": 90}]},
+     "box_prompts", "box_prompts[0] = (200, 10, 100, 90) is inverted or empty"),
+    ({"image_url": data_uri(), "box_prompts": [{"x_min": 0, "y_min": 0, "x_max": 100, "y_max": 241}]},
+     "box_prompts", "box_prompts[0] = (0, 0, 100, 241) reaches outside the 320x240 image"),
+    ({"image_url": data_uri(), "prompts": CLICK * 65}, "prompts", "65 points, over this server's limit of 64"),
+    ({"image_url": data_uri(), "prompts": [{"x": 10, "y": 10, "label": 2}]}, "prompts",
+     "prompts[0].label must be 1 (foreground) or 0 (background)"),
+    ({"image_url": data_uri(), "prompts": [{"x": "10", "y": 10}]}, "prompts", "prompts[0].x must be a number"),
+    ({"image_url": data_uri(), "prompts": [{"x": 1, "y": 1, "z": 3}]}, "prompts", "unknown key 'z'"),
+    ({"image_url": data_uri(), "prompts": {"x": 1, "y": 1}}, "prompts", "prompts must be a list"),
+    ({"image_url": data_uri(), "box_prompts": [[0, 0, 10, 10]]}, "box_prompts", "box_prompts[0] must be an object"),
+    ({"image_url": data_uri(), "prompts": CLICK, "output_format": "gif"}, "output_format",
+     "output_format must be one of png, jpeg, webp"),
+    ({"image_url": data_uri(), "prompts": CLICK, "apply_mask": 1}, "apply_mask", "apply_mask must be true or false"),
+    ({"image_url": data_uri(), "prompts": CLICK, "points_per_side": 4}, "points_per_side",
+     "unknown field 'points_per_side'"),
+])
+def test_bad_prompts_are_a_422_in_fals_shape(http, body, field, message):
+    response = http.post(IMAGE_APP, json=body)
+    assert response.status_code == 422, response.text
+    assert response.headers["x-fal-error-type"] == "value_error"
+    [detail] = response.json()["detail"]
+    assert detail["loc"] == ["body", field] and message in detail["msg"]
+    assert detail["type"] == "value_error" and detail["url"].startswith("https://docs.fal.ai/errors")
+
+
+def test_a_nan_prompt_is_refused_and_counted(http, server):
+    # NaN is not JSON, but Python's json module (which reads the body here) takes it: the prompt checks catch it
+    body = b'{"image_url": "%s", "prompts": [{"x": NaN, "y": 1}]}' % data_uri().encode()
+    response = http.post(IMAGE_APP, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["msg"] == "prompts[0] = (nan, 1.0): coordinates must be finite numbers"
+    registry = server.running.app.metrics.registry
+    assert registry.get_sample_value("sam2serve_requests_total",
+                                     {"rpc": "Segment", "code": "422", "protocol": "http"}) >= 1
+    # the prompt data plane counts with the same reasons as every refusal
+    assert registry.get_sample_value("sam2serve_rejected_requests_total",
+                                     {"reason": "invalid_argument", "protocol": "http"}) >= 1
+    assert http.post(f"/queue{IMAGE_APP}", json={"image_url": data_uri(), "prompts": CLICK}).status_code == 404

@@ -96,10 +96,23 @@ def trt_engine_dir(tiny_engine_dir: Path, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def engines(trt_engine_dir: Path):
+    """TensorRT and ONNX Runtime on CPU, both with the factored decoder."""
     from sam2serve.engines.onnx_engine import OnnxEngine
 
     reference = OnnxEngine(trt_engine_dir, providers=["CPUExecutionProvider"], warmup=False)
     tensorrt = TensorRTEngine(trt_engine_dir)
+    yield tensorrt, reference
+    tensorrt.close()
+    reference.close()
+
+
+@pytest.fixture(scope="module")
+def whole_decoders(trt_engine_dir: Path):
+    """TensorRT and ONNX Runtime on CPU, every prompt through the whole decoder (plan / decoder.onnx)."""
+    from sam2serve.engines.onnx_engine import OnnxEngine
+
+    reference = OnnxEngine(trt_engine_dir, providers=["CPUExecutionProvider"], warmup=False, factored=False)
+    tensorrt = TensorRTEngine(trt_engine_dir, warmup=False, factored=False)
     yield tensorrt, reference
     tensorrt.close()
     reference.close()
@@ -132,8 +145,10 @@ def test_build_writes_plans_and_manifest(trt_engine_dir: Path) -> None:
     info = json.loads((plan_dir / TRT_MANIFEST_NAME).read_text())
     manifest = read_manifest(trt_engine_dir)
     assert info["key"] == key and info["tensorrt"] == tensorrt.__version__ and info["fp16"] is False
-    assert info["profile"] == {"batch": [1, 64, MAX_BATCH], "points": [1, 1, MAX_POINTS]}
-    for role in ("encoder", "decoder"):
+    rank = info["profile"]["rank"]  # the prompt head's state: 2 · 8 heads · (7 tokens + points)
+    assert info["profile"] == {"batch": [1, 64, MAX_BATCH], "points": [1, 1, MAX_POINTS], "rank": rank}
+    assert rank == [16 * 8, 16 * 8, 16 * (7 + MAX_POINTS)]
+    for role in ("encoder", "decoder", "decoder_context", "prompt_head", "mask_head"):
         plan = info["plans"][role]
         assert plan["sha256"] == sha256_file(plan_dir / plan["file"])
         assert plan["onnx_sha256"] == manifest.engine_file(role).sha256
@@ -150,11 +165,21 @@ def test_encoder_matches_onnx_runtime(engines) -> None:
         assert max_relative_error(got, want) < 1e-3, name
 
 
+def _assert_same_clear_choices(got_iou: np.ndarray, want_iou: np.ndarray, tolerance: float) -> None:
+    """The best multimask token is the same wherever the reference's best leads its runner-up by more than the
+    backends may differ (untrained weights give near-ties, where either choice is within float rounding)."""
+    ranked = np.sort(want_iou[:, 1:], axis=1)
+    clear = ranked[:, -1] - ranked[:, -2] > 2 * tolerance * np.abs(want_iou).max()
+    assert clear.any()
+    np.testing.assert_array_equal(got_iou[clear, 1:].argmax(axis=1), want_iou[clear, 1:].argmax(axis=1))
+
+
 @pytest.mark.gpu
 @needs_tensorrt_gpu
 @pytest.mark.parametrize("batch", [1, 64])
-def test_decoder_matches_onnx_runtime(engines, features, batch: int) -> None:
-    tensorrt, reference = engines
+def test_decoder_plan_matches_onnx_runtime(whole_decoders, features, batch: int) -> None:
+    tensorrt, reference = whole_decoders
+    assert tensorrt.factored is None and reference.factored is None
     coords, labels = _prompts(batch, 2, seed=batch)
     got_masks, got_iou = tensorrt.decode_all_tokens(features, coords, labels)
     want_masks, want_iou = reference.decode_all_tokens(features, coords, labels)
@@ -163,6 +188,77 @@ def test_decoder_matches_onnx_runtime(engines, features, batch: int) -> None:
     assert tensorrt.decode(features, coords, labels).low_res_logits.shape == (batch, 3, 256, 256)
     single = tensorrt.decode(features, coords, labels, multimask=False)
     assert single.low_res_logits.shape == (batch, 1, 256, 256) and single.iou_predictions.shape == (batch, 1)
+
+
+@pytest.mark.gpu
+@needs_tensorrt_gpu
+@pytest.mark.parametrize(("batch", "points", "box"), [(1, 1, False), (64, 3, False), (16, 3, True),
+                                                      (MAX_BATCH + 5, 1, False)])
+def test_factored_plans_match_onnx_runtime(engines, features, batch: int, points: int, box: bool) -> None:
+    """Without a mask input both engines run the factored decoder (batches above the plans' profile in chunks):
+    the same logits and IoU of every token, and the same clear token choices."""
+    tensorrt, reference = engines
+    assert tensorrt.factored is not None and tensorrt.can_skip_masks and reference.factored is not None
+    coords, labels = _prompts(batch, points, seed=100 + batch)
+    if box:  # a box is its two corners, labelled 2 and 3, placed first
+        corners = np.sort(coords[:, :2], axis=1)
+        coords = np.concatenate([corners, coords[:, 2:]], axis=1)
+        labels = np.concatenate([np.tile([2.0, 3.0], (batch, 1)), labels[:, 2:]], axis=1).astype(np.float32)
+    contexts = tensorrt.factored.stats.contexts
+    got_masks, got_iou = tensorrt.decode_all_tokens(features, coords, labels)
+    want_masks, want_iou = reference.decode_all_tokens(features, coords, labels)
+    assert tensorrt.factored.stats.contexts <= contexts + 1  # one context per image, kept across calls
+    assert max_relative_error(got_masks, want_masks) < 1e-3
+    assert max_relative_error(got_iou, want_iou) < 1e-3
+    if batch > 1:
+        _assert_same_clear_choices(got_iou, want_iou, 1e-3)
+
+
+@pytest.mark.gpu
+@needs_tensorrt_gpu
+def test_factored_plans_make_masks_only_above_the_threshold(engines, features) -> None:
+    tensorrt, reference = engines
+    batch = MAX_BATCH + 5
+    coords, labels = _prompts(batch, 1, seed=11)
+    want_masks, want_iou = reference.decode_all_tokens(features, coords, labels)
+    best = np.sort(want_iou[:, 1:].max(axis=1))
+    # a threshold in the widest gap near the median, so that float differences cannot move a prompt across it
+    middle = slice(batch // 4, 3 * batch // 4)
+    gap = int(np.argmax(np.diff(best[middle]))) + middle.start
+    threshold = float(best[gap] + best[gap + 1]) / 2
+    needed = (want_iou[:, 1:] > threshold).any(axis=1)
+    before = tensorrt.factored.stats.masked_prompts
+    above = tensorrt.decode_above(features, coords, labels, threshold)
+    assert tensorrt.factored.stats.masked_prompts - before == needed.sum() > 0
+    assert max_relative_error(above.iou_predictions, want_iou[:, 1:]) < 1e-3
+    assert max_relative_error(above.low_res_logits[needed], want_masks[needed, 1:]) < 1e-3
+    assert not above.low_res_logits[~needed].any()
+
+
+@pytest.mark.gpu
+@needs_tensorrt_gpu
+def test_plans_built_before_the_factored_decoder_still_serve(trt_engine_dir: Path, features, caplog) -> None:
+    plan_dir = next((trt_engine_dir / "trt").iterdir())
+    path = plan_dir / TRT_MANIFEST_NAME
+    original = path.read_text()
+    info = json.loads(original)
+    for role in ("decoder_context", "prompt_head", "mask_head"):
+        del info["plans"][role]
+    path.write_text(json.dumps(info))
+    try:
+        with caplog.at_level("INFO"):
+            older = TensorRTEngine(trt_engine_dir, warmup=False)
+    finally:
+        path.write_text(original)
+    try:
+        assert older.factored is None and not older.can_skip_masks
+        assert "rebuild the TensorRT plans for the factored one" in caplog.text
+        coords, labels = _prompts(4, 1, seed=5)
+        out = older.decode(features, coords, labels)
+        above = older.decode_above(features, coords, labels, 1.0)  # without the heads every prompt gets masks
+        np.testing.assert_array_equal(above.low_res_logits, out.low_res_logits)
+    finally:
+        older.close()
 
 
 @pytest.mark.gpu

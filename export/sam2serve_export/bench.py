@@ -40,14 +40,20 @@ def _run_ours(engines: str, image_path: str, params: GeneratorParams, threads: i
     from sam2serve.images import read_rgb
 
     engine = OnnxEngine(engines, providers=["CPUExecutionProvider"], intra_op_threads=threads)
+    warm = engine.factored.stats.as_dict() if engine.factored is not None else None
     start = time.perf_counter()
     image = read_rgb(image_path)
     decode_s = time.perf_counter() - start
     result = AutoMaskGenerator(engine, max_decoder_batch=batch).generate(image, params)
     wall = time.perf_counter() - start
     stages = {"decode_image": decode_s, **result.timings}
+    heads = None
+    if warm is not None:
+        done = engine.factored.stats.as_dict()  # type: ignore[union-attr]
+        heads = {k: done[k] - warm[k] for k in done}
     return {"wall_s": wall, "stages_s": stages, "masks": len(result.records), "counts": result.counts,
-            "engine_floor_s": stages["encoder"] + stages["decoder"], "peak_rss_mb": _peak_rss_mb()}
+            "engine_floor_s": stages["encoder"] + stages["decoder"], "peak_rss_mb": _peak_rss_mb(),
+            "decoder_heads": heads}
 
 
 def _run_reference(engines: str, image_path: str, params: GeneratorParams, threads: int,
@@ -97,6 +103,15 @@ def main(argv: list[str]) -> int:
           f"{summary['wall_over_floor']:.3f}; post-processing + encoding {100 * summary['postprocess_share']:.1f}% "
           "of wall")
     print("filter counts: " + json.dumps(ours["counts"]))
+    heads = ours["decoder_heads"]
+    if heads:
+        prompts, masked = heads["prompts"], heads["masked_prompts"]
+        per = lambda s, n: f"{1e3 * s / n:.2f} ms per prompt" if n else "not run"  # noqa: E731
+        print(f"decoder: context {heads['context_s']:.2f}s for {heads['contexts']:.0f} image(s); prompt head "
+              f"{per(heads['prompt_head_s'], prompts)} ({prompts:.0f} prompts); mask head "
+              f"{per(heads['mask_head_s'], masked)} ({masked:.0f} prompts reached it)")
+    else:
+        print("decoder: decoder.onnx for every prompt (no factored decoder in these engines)")
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sam2serve.engines.contract import FACTORED_ROLES
 from sam2serve.engines.manifest import (
     EngineFile,
     Manifest,
@@ -23,7 +24,7 @@ from sam2serve.engines.manifest import (
 )
 
 from .models import ModelSpec
-from .onnx_export import DEFAULT_OPSET, export_decoder, export_decoder_heads, export_encoder, onnx_signature
+from .onnx_export import DEFAULT_OPSET, export_decoder, export_encoder, export_factored_decoder, onnx_signature
 from .weights import WeightsChoice, load_model
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 PIXEL_MEAN = [0.485, 0.456, 0.406]
 PIXEL_STD = [0.229, 0.224, 0.225]
 MASK_THRESHOLD = 0.0
-ENGINE_ROLES = ("encoder", "decoder", "prompt_head", "mask_head")
+ENGINE_ROLES = ("encoder", "decoder", *FACTORED_ROLES)
 
 
 def tool_versions() -> dict[str, str]:
@@ -53,7 +54,8 @@ def build_engines(
     progress: bool = True,
     timings: dict[str, float] | None = None,
 ) -> tuple[Manifest, torch.nn.Module]:
-    """Write encoder.onnx, decoder.onnx and manifest.json to `out_dir` (replacing it whole on success).
+    """Write encoder.onnx, decoder.onnx, the factored decoder and manifest.json to `out_dir` (replacing it whole
+    on success).
 
     Returns the manifest and the torch model the engines came from (for verification).
     """
@@ -72,7 +74,7 @@ def build_engines(
             ("load weights", load),
             ("export encoder", lambda: export_encoder(state["model"], staging / "encoder.onnx", opset)),
             ("export decoder", lambda: export_decoder(state["model"], staging / "decoder.onnx", opset)),
-            ("export decoder heads", lambda: export_decoder_heads(state["model"], staging, opset)),
+            ("export factored decoder", lambda: export_factored_decoder(state["model"], staging, opset)),
         ]
         with tqdm(steps, desc=f"export {spec.name}", unit="step", disable=not progress) as bar:
             for name, step in bar:

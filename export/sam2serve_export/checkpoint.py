@@ -76,3 +76,38 @@ def describe_state_dict(state: dict[str, torch.Tensor]) -> str:
         return "not a SAM 2 image model"
     version = "SAM 2.1" if "no_obj_embed_spatial" in state else "SAM 2.0"
     return f"a {version} checkpoint with {len(blocks)} Hiera blocks of width {patch.shape[0]}"
+
+
+# What build_sam2 adds to every config when it builds a model for the predictors (apply_postprocessing=True).
+PREDICTOR_DECODER_OVERRIDES = [
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+]
+_HEAD_SETTINGS = ("image_size", "backbone_stride", "use_high_res_features_in_sam", "iou_prediction_use_sigmoid",
+                  "pred_obj_scores", "pred_obj_scores_mlp", "use_multimask_token_for_obj_ptr",
+                  "sam_mask_decoder_extra_args", "use_obj_ptrs_in_encoder", "use_mlp_for_obj_ptr_proj",
+                  "proj_tpos_enc_in_obj_ptrs")
+
+
+def build_untrained_decoder(spec: ModelSpec, seed: int) -> torch.nn.Module:
+    """Only Meta's prompt encoder and mask decoder of `spec`, randomly initialised: `SAM2Base._build_sam_heads`
+    run with the model config's settings (and the predictor's overrides) on a module without the image encoder
+    or memory. A cheap stand-in for decoder tests of every model size."""
+    import inspect
+
+    from hydra import compose
+    from omegaconf import OmegaConf
+    from sam2.modeling.sam2_base import SAM2Base
+
+    cfg = compose(config_name=spec.config, overrides=PREDICTOR_DECODER_OVERRIDES).model
+    defaults = {k: p.default for k, p in inspect.signature(SAM2Base.__init__).parameters.items()}
+    heads = torch.nn.Module()
+    heads.hidden_dim = int(cfg.image_encoder.neck.d_model)
+    heads.mem_dim = int(cfg.memory_encoder.out_dim)
+    for key in _HEAD_SETTINGS:
+        value = cfg.get(key, defaults[key])
+        setattr(heads, key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+    torch.manual_seed(seed)
+    SAM2Base._build_sam_heads(heads)
+    return heads.eval()

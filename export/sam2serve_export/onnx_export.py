@@ -11,18 +11,27 @@ import onnx
 import torch
 
 from sam2serve.engines.contract import (
+    DECODER_CONTEXT_INPUTS,
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
-    MASK_HEAD_INPUTS,
     MASK_HEAD_OUTPUTS,
-    PROMPT_HEAD_INPUTS,
     PROMPT_HEAD_OUTPUTS,
+    PROMPT_INPUTS,
+    PROMPT_STATE,
 )
 from sam2serve.engines.manifest import TensorSpec
 
-from .wrappers import ImageEncoder, MaskHead, PromptDecoder, PromptHead, example_decoder_inputs
+from .factored import (
+    CONTEXT_NAMES,
+    MASK_HEAD_CONTEXT,
+    PROMPT_HEAD_CONTEXT,
+    DecoderContext,
+    FactoredMaskHead,
+    FactoredPromptHead,
+)
+from .wrappers import ImageEncoder, PromptDecoder, example_decoder_inputs
 
 DEFAULT_OPSET = 18
 MAX_DECODER_BATCH = 4096
@@ -56,18 +65,30 @@ def export_decoder(model: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSE
             _prompt_dynamic_shapes())
 
 
-def export_decoder_heads(model: torch.nn.Module, directory: Path, opset: int = DEFAULT_OPSET) -> None:
-    """prompt_head.onnx + mask_head.onnx: the decoder split so that masks are made only where needed."""
-    args = example_decoder_inputs(model, batch=2, points=2)
-    _export(PromptHead(model).eval(), args, directory / "prompt_head.onnx", opset, PROMPT_HEAD_INPUTS,
-            PROMPT_HEAD_OUTPUTS, _prompt_dynamic_shapes())
+def export_factored_decoder(model: torch.nn.Module, directory: Path, opset: int = DEFAULT_OPSET) -> None:
+    """decoder_context.onnx, prompt_head.onnx, mask_head.onnx: the decoder without mask input, its image-side
+    work once per image (see factored.py)."""
+    features = example_decoder_inputs(model, batch=2, points=2)[:3]
+    context_module = DecoderContext(model).eval()
+    _export(context_module, features, directory / "decoder_context.onnx", opset, DECODER_CONTEXT_INPUTS,
+            CONTEXT_NAMES, dynamic_shapes=None)
     with torch.no_grad():
-        _, mask_tokens, image_tokens = PromptHead(model).eval()(*args)
+        context = dict(zip(CONTEXT_NAMES, context_module(*features), strict=True))
+    # Example batch/points of 2 keep the exporter from specialising those axes to 1.
+    coords, labels = example_decoder_inputs(model, batch=2, points=2)[3:5]
     batch = torch.export.Dim("batch", min=1, max=MAX_DECODER_BATCH)
-    _export(MaskHead(model).eval(), (image_tokens, mask_tokens, args[1], args[2]), directory / "mask_head.onnx",
-            opset, MASK_HEAD_INPUTS, MASK_HEAD_OUTPUTS,
-            {"image_tokens": {0: batch}, "mask_tokens": {0: batch}, "high_res_feats_0": None,
-             "high_res_feats_1": None})
+    points = torch.export.Dim("points", min=1, max=MAX_POINTS_PER_PROMPT)
+    prompt_head = FactoredPromptHead(model).eval()
+    prompt_args = (*(context[n] for n in PROMPT_HEAD_CONTEXT), coords, labels)
+    _export(prompt_head, prompt_args, directory / "prompt_head.onnx", opset,
+            (*PROMPT_HEAD_CONTEXT, *PROMPT_INPUTS), PROMPT_HEAD_OUTPUTS,
+            ((*[None] * len(PROMPT_HEAD_CONTEXT), {0: batch, 1: points}, {0: batch, 1: points}),))
+    with torch.no_grad():
+        state = prompt_head(*prompt_args)[1:]
+    rank = torch.export.Dim("rank", min=2, max=64 * MAX_POINTS_PER_PROMPT)
+    _export(FactoredMaskHead(model).eval(), (*(context[n] for n in MASK_HEAD_CONTEXT), *state),
+            directory / "mask_head.onnx", opset, (*MASK_HEAD_CONTEXT, *PROMPT_STATE), MASK_HEAD_OUTPUTS,
+            ((*[None] * len(MASK_HEAD_CONTEXT), {0: batch}, {0: batch, 1: rank}, {0: batch}, {0: batch, 1: rank}),))
 
 
 def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int,

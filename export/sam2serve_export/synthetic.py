@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sam2serve.engines.base import AllTokensEngine, ImageFeatures
+from sam2serve.engines.base import AllTokensEngine, DecodedMasks, ImageFeatures
 from sam2serve.engines.manifest import Manifest
+from sam2serve.engines.mask_selection import select_multimask
 
 LOW_RES = 256
 TOKEN_RADIUS = np.array([0.18, 0.06, 0.16, 0.40], np.float32)  # fraction of the image side
@@ -33,6 +34,17 @@ def _hash01(x: np.ndarray, y: np.ndarray, salt: float) -> np.ndarray:
 
 
 _BUMPS = np.random.default_rng(1234).random((LOW_RES, LOW_RES)) < 0.01
+
+
+def synthetic_iou(coords: np.ndarray, mask_input: np.ndarray | None) -> np.ndarray:
+    """The IoU predictions [B, 4] of `synthetic_decode`: they depend on the prompt only, so a prompt head can
+    make them without the logits."""
+    x = coords[:, 0, 0] / 4.0
+    y = coords[:, 0, 1] / 4.0
+    iou = np.stack([0.55 + 0.45 * _hash01(x, y, 10.0 + t) for t in range(4)], axis=1).astype(np.float32)
+    if mask_input is not None:  # m2m: more confident
+        iou = np.minimum(iou + 0.05, 1.0).astype(np.float32)
+    return iou
 
 
 def synthetic_decode(image: np.ndarray, coords: np.ndarray,
@@ -56,20 +68,24 @@ def synthetic_decode(image: np.ndarray, coords: np.ndarray,
     bumps = np.where(_BUMPS, np.float32(6.0), np.float32(0.0)) * np.where(
         _hash01(gx, gy, 3.0) > 0.5, np.float32(1.0), np.float32(-1.0))
     logits += bumps[None, None]
-    iou = np.stack([0.55 + 0.45 * _hash01(x, y, 10.0 + t) for t in range(4)], axis=1).astype(np.float32)
-    if mask_input is not None:  # m2m: pull towards the given mask, and be more confident
+    if mask_input is not None:  # m2m: pull towards the given mask
         logits = 0.5 * logits + 0.5 * mask_input[:, None]
-        iou = np.minimum(iou + 0.05, 1.0).astype(np.float32)
-    return logits.astype(np.float32), iou
+    return logits.astype(np.float32), synthetic_iou(coords, mask_input)
 
 
 class SyntheticEngine(AllTokensEngine):
-    """Our side: an Engine whose encoder keeps the image and whose decoder is `synthetic_decode`."""
+    """Our side: an Engine whose encoder keeps the image and whose decoder is `synthetic_decode`, with the same
+    split interface as the factored decoder (`decode_above`: IoU of every prompt, logits only for prompts with a
+    multimask IoU above the threshold), so that the generator's IoU-first path meets Meta's generator too."""
+
+    can_skip_masks = True
 
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.providers = ["synthetic"]
         self._image: np.ndarray | None = None
+        self.prompts = 0  # prompts whose IoU was predicted by decode_above
+        self.masked_prompts = 0  # of those, prompts whose logits it made
 
     def encode(self, image: np.ndarray) -> ImageFeatures:
         self._image = low_res_image(image)
@@ -80,6 +96,18 @@ class SyntheticEngine(AllTokensEngine):
                           mask_input: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         assert self._image is not None
         return synthetic_decode(self._image, point_coords, None if mask_input is None else mask_input[:, 0])
+
+    def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
+                     iou_threshold: float) -> DecodedMasks:
+        assert self._image is not None
+        iou = synthetic_iou(point_coords, None)
+        masks = np.zeros((len(iou), 4, LOW_RES, LOW_RES), np.float32)
+        rows = np.flatnonzero((iou[:, 1:] > iou_threshold).any(axis=1))
+        if len(rows):
+            masks[rows] = synthetic_decode(self._image, point_coords[rows], None)[0]
+        self.prompts += len(iou)
+        self.masked_prompts += len(rows)
+        return DecodedMasks(*select_multimask(masks, iou))
 
     def close(self) -> None:
         pass

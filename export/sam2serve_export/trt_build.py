@@ -19,23 +19,28 @@ from tqdm import tqdm
 from sam2serve.engines.manifest import ManifestError, read_manifest, sha256_file, verify_engine_files
 from sam2serve.engines.trt_engine import (
     INSTALL_HINT,
-    PLAN_ROLES,
     TRT_DIR,
     TRT_FORMAT_VERSION,
     TRT_MANIFEST_NAME,
     current_gpu,
     plan_key_for,
+    plan_roles,
 )
 
 from .errors import ExportError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
-# Which dynamic ONNX axes are which, per decoder input (None: a fixed axis).
+# Which dynamic ONNX axes are which, per input (None: a fixed axis). "rank" is the prompt head's per-prompt state
+# size (2 · heads · tokens), which grows with the points per prompt.
 DYNAMIC_AXES: dict[str, tuple[str | None, ...]] = {
     "point_coords": ("batch", "points", None),
     "point_labels": ("batch", "points"),
     "mask_input": ("batch", None, None, None),  # tied to the prompts' batch
+    "mask_queries": ("batch", None, None),
+    "coeffs": ("batch", "rank", None),
+    "inv_std": ("batch", None, None),
+    "mix": ("batch", "rank", None),
 }
 
 
@@ -185,6 +190,27 @@ def _build_plan(trt: ModuleType, onnx_path: Path, plan_path: Path, fp16: bool, t
     return pinned
 
 
+def state_rank_range(engine_dir: Path, max_points: int) -> tuple[int, int, int]:
+    """(min, opt, max) of the prompt head's state rank for 1..max_points points, read off the graph itself: its
+    outputs for one prompt of 1 and of `max_points` points (ONNX Runtime on CPU, zero features)."""
+    import numpy as np
+
+    from sam2serve.engines.base import ImageFeatures
+    from sam2serve.engines.onnx_engine import OnnxEngine
+
+    engine = OnnxEngine(engine_dir, providers=["CPUExecutionProvider"], warmup=False, verify_hashes=False)
+    assert engine.factored is not None
+    features = ImageFeatures(*(np.zeros(t.shape, np.float32) for t in engine.manifest.engines["encoder"].outputs))
+
+    def rank(points: int) -> int:
+        coords = np.full((1, points, 2), 512.0, np.float32)
+        return int(engine.factored.prompt_head(features, coords, np.ones((1, points), np.float32))[1]["coeffs"]
+                   .shape[1])
+
+    low = rank(1)
+    return low, low, rank(max_points)
+
+
 def build_trt_engines(
     engine_dir: Path,
     fp16: bool = False,
@@ -195,9 +221,10 @@ def build_trt_engines(
     progress: bool = True,
     tf32: bool = False,
 ) -> Path:
-    """Build encoder.plan and decoder.plan for this GPU; returns `engine_dir/trt/<key>/`.
+    """Build encoder.plan, decoder.plan and (when exported) the factored decoder's plans for this GPU; returns
+    `engine_dir/trt/<key>/`.
 
-    The decoder's profile covers prompt batches 1..max_batch (tuned for opt_batch) of 1..max_points
+    The decoders' profiles cover prompt batches 1..max_batch (tuned for opt_batch) of 1..max_points
     points each. `fp16` builds half-precision plans with normalisation kept in fp32; fp32 plans use
     TF32 tensor cores only when `tf32` is set (faster, ~1e-3 relative error).
     """
@@ -208,7 +235,8 @@ def build_trt_engines(
     engine_dir = Path(engine_dir)
     try:
         manifest = read_manifest(engine_dir)
-        verify_engine_files(engine_dir, manifest, list(PLAN_ROLES))
+        roles = plan_roles(manifest)
+        verify_engine_files(engine_dir, manifest, list(roles))
         gpu = current_gpu()
     except ManifestError as e:
         raise ExportError(str(e)) from None
@@ -218,9 +246,11 @@ def build_trt_engines(
     # A manifest left from an earlier build would vouch for half-rebuilt plans.
     (out_dir / TRT_MANIFEST_NAME).unlink(missing_ok=True)
     ranges = {"batch": (1, opt_batch, max_batch), "points": (1, 1, max_points)}
+    if "mask_head" in roles:
+        ranges["rank"] = state_rank_range(engine_dir, max_points)
     plans: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
-    with tqdm(PLAN_ROLES, desc=f"TensorRT {key}", unit="plan", disable=not progress) as bar:
+    with tqdm(roles, desc=f"TensorRT {key}", unit="plan", disable=not progress) as bar:
         for role in bar:
             bar.set_postfix_str(f"building {role}")
             onnx = manifest.engine_file(role)
@@ -246,7 +276,7 @@ def build_trt_engines(
         "fp16": fp16,
         "tf32": tf32,
         "workspace_gib": workspace_gib,
-        "profile": {"batch": list(ranges["batch"]), "points": list(ranges["points"])},
+        "profile": {axis: list(bounds) for axis, bounds in ranges.items()},
         "plans": plans,
         "build_seconds": seconds,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -74,9 +72,10 @@ class PromptDecoder(nn.Module):
 
 
 def example_decoder_inputs(
-    model: nn.Module, batch: int, points: int, seed: int = 0, with_mask: bool = False
+    model: nn.Module, batch: int, points: int, seed: int = 0, with_mask: bool = False, box: bool = False
 ) -> tuple[torch.Tensor, ...]:
-    """Random but well-formed decoder inputs (features of the right scale, prompts inside the frame)."""
+    """Random but well-formed decoder inputs (features of the right scale, prompts inside the frame). With `box`,
+    each prompt starts with a box's corners labelled 2 and 3, as SAM2ImagePredictor._predict puts them."""
     g = torch.Generator().manual_seed(seed)
     dim = model.sam_prompt_encoder.embed_dim
     hr0 = model.sam_mask_decoder.conv_s0.out_channels
@@ -84,6 +83,10 @@ def example_decoder_inputs(
     coords = torch.rand(batch, points, 2, generator=g) * 1024.0
     labels = torch.randint(0, 2, (batch, points), generator=g).to(torch.float32)
     labels[:, 0] = 1.0
+    if box:
+        corners = torch.sort(torch.rand(batch, 2, 2, generator=g) * 1024.0, dim=1).values
+        coords = torch.cat([corners, coords], dim=1)
+        labels = torch.cat([torch.tensor([[2.0, 3.0]]).expand(batch, 2), labels], dim=1)
     mask_input = torch.randn(batch, 1, 256, 256, generator=g) * 4.0
     return (
         torch.randn(1, dim, 64, 64, generator=g),
@@ -101,52 +104,3 @@ def _dense_embedding(prompt_encoder: nn.Module, mask_input: torch.Tensor, has_ma
     mask_embed = prompt_encoder.mask_downscaling(mask_input)
     no_mask_embed = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     return has_mask_input * mask_embed + (1.0 - has_mask_input) * no_mask_embed
-
-
-class PromptHead(nn.Module):
-    """First half of `MaskDecoder.predict_masks`: tokens through the two-way transformer, IoU head.
-    Outputs the IoU of every token, the mask tokens and the image tokens the mask head needs."""
-
-    def __init__(self, sam2_model: nn.Module) -> None:
-        super().__init__()
-        self.prompt_encoder = sam2_model.sam_prompt_encoder
-        self.mask_decoder = sam2_model.sam_mask_decoder
-
-    def forward(self, image_embed: torch.Tensor, high_res_feats_0: torch.Tensor, high_res_feats_1: torch.Tensor,
-                point_coords: torch.Tensor, point_labels: torch.Tensor, mask_input: torch.Tensor,
-                has_mask_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        md = self.mask_decoder
-        sparse, _ = self.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
-        dense = _dense_embedding(self.prompt_encoder, mask_input, has_mask_input)
-        s = 1 if md.pred_obj_scores else 0
-        weights = [md.obj_score_token.weight] if md.pred_obj_scores else []
-        output_tokens = torch.cat([*weights, md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
-        src = torch.repeat_interleave(image_embed, tokens.shape[0], dim=0) + dense
-        pos_src = torch.repeat_interleave(self.prompt_encoder.get_dense_pe(), tokens.shape[0], dim=0)
-        hs, src = md.transformer(src, pos_src, tokens)
-        iou_predictions = md.iou_prediction_head(hs[:, s, :])
-        mask_tokens = hs[:, s + 1: s + 1 + md.num_mask_tokens, :]
-        return iou_predictions, mask_tokens, src
-
-
-class MaskHead(nn.Module):
-    """Second half of `MaskDecoder.predict_masks`: upscaling with high-res features and hypernetworks."""
-
-    def __init__(self, sam2_model: nn.Module) -> None:
-        super().__init__()
-        self.mask_decoder = sam2_model.sam_mask_decoder
-
-    def forward(self, image_tokens: torch.Tensor, mask_tokens: torch.Tensor, high_res_feats_0: torch.Tensor,
-                high_res_feats_1: torch.Tensor) -> torch.Tensor:
-        md = self.mask_decoder
-        b, hw, c = image_tokens.shape
-        side = math.isqrt(hw)
-        src = image_tokens.transpose(1, 2).reshape(b, c, side, side)
-        dc1, ln1, act1, dc2, act2 = md.output_upscaling
-        upscaled = act1(ln1(dc1(src) + high_res_feats_1))
-        upscaled = act2(dc2(upscaled) + high_res_feats_0)
-        hyper_in = torch.stack([md.output_hypernetworks_mlps[i](mask_tokens[:, i, :])
-                                for i in range(md.num_mask_tokens)], dim=1)
-        b, c, h, w = upscaled.shape
-        return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)

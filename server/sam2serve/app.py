@@ -1,6 +1,7 @@
 """The composition root: engines → generator → pipeline → job store and worker → data plane, with metrics
-and webhooks listening for finished jobs; then the protocol adapters (gRPC, and fal's HTTP protocol with
---http-port) over that one data plane, and the process's life (serving, SIGTERM, drain)."""
+and webhooks listening for finished jobs; beside it the prompted data plane (embedding cache → segmenter →
+workers) on the same engines; then the protocol adapters (gRPC, and fal's HTTP protocol with --http-port) over
+them, and the process's life (serving, SIGTERM, drain)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from .config import ServerConfig
 from .engines import Engine, Manifest, open_engine
 from .jobs import JobFinished, JobService, JobStore, Worker
 from .jobs.memory import MemoryJobStore
-from .metrics import Metrics, create_metrics, describe_server, observe_job, serve_metrics
+from .metrics import Metrics, create_cache_metrics, create_metrics, describe_server, observe_job, serve_metrics
 from .pipeline import SegmentPipeline
+from .prompts import ByteBudgetLRU, PromptLimits, PromptSegmenter, PromptWorkers
 from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class App:
     config: ServerConfig
     engine: Engine
     jobs: JobService
+    prompts: PromptWorkers
     metrics: Metrics
 
     @property
@@ -61,6 +64,16 @@ def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None])
                           result_store_bytes=config.result_store_bytes, result_store_jobs=config.result_store_jobs,
                           on_finished=on_finished,
                           queue_bytes=config.queue_image_bytes)
+
+
+def make_prompts(config: ServerConfig, engine: Engine, metrics: Metrics) -> PromptWorkers:
+    """The prompted data plane: a per-replica embedding cache within --embedding-cache-mb, the segmenter on
+    `engine`, and its bounded workers (--prompt-workers, up to --queue-size waiting)."""
+    budget = config.embedding_cache_mb * 1024 * 1024
+    cache: ByteBudgetLRU = ByteBudgetLRU(budget, create_cache_metrics(metrics.registry, budget))
+    limits = PromptLimits(max_points=config.max_prompt_points, max_boxes=config.max_prompt_boxes)
+    segmenter = PromptSegmenter(engine, cache, config.input_limits(), limits)
+    return PromptWorkers(segmenter, workers=config.prompt_workers, max_waiting=config.queue_size)
 
 
 def notify_all(listeners: Sequence[Callable[[JobFinished], None]]) -> Callable[[JobFinished], None]:
@@ -94,7 +107,7 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
                     info.backend, ",".join(info.providers), jobs.depth)
-    return App(config, engine, jobs, metrics)
+    return App(config, engine, jobs, make_prompts(config, engine, metrics), metrics)
 
 
 class Adapter(Protocol):
@@ -136,6 +149,7 @@ class RunningServer:
     async def shutdown(self) -> bool:
         """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
         await self.set_serving(False)
+        self.app.prompts.accepting = False
         drained = await self.app.jobs.drain(self.config.drain_seconds, self.config.drain_results_seconds)
         if not drained:
             log.warning("drain period of %.0f s ended with jobs unfinished; they were cancelled",
@@ -143,6 +157,7 @@ class RunningServer:
         for adapter in self.adapters:
             await adapter.stop(grace_s=5.0)
         await self.app.jobs.close()
+        self.app.prompts.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -27,9 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     seg.add_argument("--queue", action="store_true", help="submit to the queue and show live status")
     seg.add_argument("--api-key", default=None, help="API key (default: env SAM2SERVE_API_KEY)")
     seg.add_argument("--points-per-side", type=int)
-    seg.add_argument("--format", choices=["png", "jpeg"], default="png")
+    seg.add_argument("--format", choices=["png", "jpeg", "webp"], default="png")
     seg.add_argument("--max-masks", type=int)
     seg.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    from .prompt_client import parse_box, parse_point
+
+    prompted = seg.add_argument_group("prompted segmentation (any --point or --box: masks for these prompts only)")
+    prompted.add_argument("--point", action="append", type=parse_point, metavar="X,Y[,LABEL]",
+                          help="a click in pixels; LABEL 1 foreground (default) or 0 background; repeatable")
+    prompted.add_argument("--box", action="append", type=parse_box, metavar="X0,Y0,X1,Y1",
+                          help="a box in pixels; several boxes give one mask set each")
+    prompted.add_argument("--single-mask", action="store_true", help="one mask per prompt set instead of three")
     check = sub.add_parser("check-engines", help="validate an engine directory and load it")
     check.add_argument("engines", help="engine directory")
     check.add_argument("--providers", help="comma-separated onnxruntime providers (default: best available)")
@@ -39,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "segment":
+        if args.point or args.box:
+            if args.queue or args.points_per_side is not None or args.max_masks is not None:
+                parser.error("--queue, --points-per-side and --max-masks are for automatic segmentation, "
+                             "not with --point/--box")
+            from .prompt_client import prompt_command
+
+            return prompt_command(args)
         from .client import segment_command
 
         return segment_command(args)

@@ -6,7 +6,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -14,15 +16,23 @@ from .v1 import sam2serve_pb2 as pb
 from .v1 import sam2serve_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+Metadata = tuple[tuple[str, str], ...]
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+OUTPUT_FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "jpeg": pb.OUTPUT_FORMAT_JPEG, "webp": pb.OUTPUT_FORMAT_WEBP}
+
+
+def set_image(request: pb.AutoSegmentRequest | pb.SegmentRequest, image: str) -> None:
+    """The request's image from a command-line argument: a URL the server fetches, or a file's bytes."""
+    if image.startswith(("http://", "https://")):
+        request.image_url = image
+    else:
+        request.image_bytes = Path(image).read_bytes()
 
 
 def build_request(args: argparse.Namespace) -> pb.AutoSegmentRequest:
-    request = pb.AutoSegmentRequest(return_overlay=True, output_format=(
-        pb.OUTPUT_FORMAT_JPEG if args.format == "jpeg" else pb.OUTPUT_FORMAT_PNG))
-    if args.image.startswith(("http://", "https://")):
-        request.image_url = args.image
-    else:
-        request.image_bytes = Path(args.image).read_bytes()
+    request = pb.AutoSegmentRequest(return_overlay=True, output_format=OUTPUT_FORMATS[args.format])
+    set_image(request, args.image)
     if args.points_per_side is not None:
         request.points_per_side = args.points_per_side
     if args.max_masks is not None:
@@ -53,27 +63,52 @@ def write_outputs(response: pb.AutoSegmentResponse, out: Path) -> list[Path]:
     return written
 
 
-def segment_command(args: argparse.Namespace) -> int:
-    key = args.api_key if args.api_key is not None else os.environ.get("SAM2SERVE_API_KEY", "")
-    metadata = (("authorization", f"Key {key}"),) if key else ()
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+def auth_metadata(api_key: str | None) -> Metadata:
+    key = api_key if api_key is not None else os.environ.get("SAM2SERVE_API_KEY", "")
+    return (("authorization", f"Key {key}"),) if key else ()
+
+
+def open_channel(server: str) -> grpc.Channel:
+    return grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+
+
+def warn_if_untrained(channel: grpc.Channel, metadata: Metadata) -> None:
+    info = pb_grpc.AutoSegmentServiceStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30, metadata=metadata)
+    if info.warning:
+        print(f"WARNING from server: {info.warning}", file=sys.stderr)
+
+
+def call_server(args: argparse.Namespace, build: Callable[[argparse.Namespace], Request],
+                call: Callable[[grpc.Channel, Request, Metadata], Response]) -> tuple[Request, Response] | int:
+    """Build the request from the command line and make the call: (request, response), or the exit code after
+    saying what went wrong (2: the image file cannot be read, 1: the server refused)."""
+    metadata = auth_metadata(args.api_key)
     try:
-        request = build_request(args)
+        request = build(args)
     except OSError as e:
         print(f"error: cannot read {args.image}: {e.strerror}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.server, options=options) as channel:
-        stub = pb_grpc.AutoSegmentServiceStub(channel)
+    with open_channel(args.server) as channel:
         try:
-            info = stub.GetInfo(pb.GetInfoRequest(), timeout=30, metadata=metadata)
-            if info.warning:
-                print(f"WARNING from server: {info.warning}", file=sys.stderr)
-            response = _via_queue(stub, request, metadata, args.timeout) if args.queue else stub.AutoSegment(
-                request, timeout=args.timeout, metadata=metadata)
+            warn_if_untrained(channel, metadata)
+            return request, call(channel, request, metadata)
         except grpc.RpcError as e:
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    def call(channel: grpc.Channel, request: pb.AutoSegmentRequest, metadata: Metadata) -> pb.AutoSegmentResponse:
+        stub = pb_grpc.AutoSegmentServiceStub(channel)
+        if args.queue:
+            return _via_queue(stub, request, metadata, args.timeout)
+        return stub.AutoSegment(request, timeout=args.timeout, metadata=metadata)
+
+    done = call_server(args, build_request, call)
+    if isinstance(done, int):
+        return done
+    _, response = done
     written = write_outputs(response, Path(args.out))
     t = response.timings
     print(f"{len(response.masks)} masks ({response.total_masks} found) in {t.total_seconds:.1f} s "

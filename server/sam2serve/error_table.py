@@ -28,6 +28,7 @@ TABLE: dict[type[errors.Sam2ServeError], ErrorCode] = {
     errors.Overloaded: ErrorCode(S.RESOURCE_EXHAUSTED, 429, "overloaded", "overloaded"),
     errors.ResultTooLarge: ErrorCode(S.RESOURCE_EXHAUSTED, 413, "result_too_large", "result_too_large"),
     errors.JobNotFound: ErrorCode(S.NOT_FOUND, 404, "not_found"),
+    errors.EmbeddingNotFound: ErrorCode(S.NOT_FOUND, 404, "embedding_not_found"),
     errors.JobNotFinished: ErrorCode(S.FAILED_PRECONDITION, 400, "request_not_finished"),
     # 499 is what gRPC-to-HTTP gateways answer for CANCELLED, and fal's type for a cancelled request.
     errors.JobCancelled: ErrorCode(S.CANCELLED, 499, "client_cancelled"),

@@ -45,6 +45,10 @@ class JobNotFound(Sam2ServeError):
     """No job with this request id (never existed, or its result expired)."""
 
 
+class EmbeddingNotFound(Sam2ServeError):
+    """An image_id or mask_input_id this replica does not hold (never seen here, or evicted): resend the image."""
+
+
 class JobNotFinished(Sam2ServeError):
     """The job is still queued or running."""
 

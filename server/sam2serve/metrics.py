@@ -124,3 +124,50 @@ def observe_job(metrics: Metrics, event: JobFinished) -> None:
         metrics.masks_per_image.observe(event.outcome.rendered.mask_count)
         h, w = event.outcome.image_hw
         metrics.image_megapixels.observe(h * w / 1e6)
+
+
+@dataclass
+class CacheMetrics:
+    """The prompt service's embedding cache (`prompts.cache.CacheObserver`), by entry kind: "image" (an
+    image embedding) or "mask" (the low-res logits a later call can refine)."""
+
+    hits: Counter
+    misses: Counter
+    evictions: Counter
+    bytes: Gauge
+    entries: Gauge
+    budget: Gauge
+
+    def hit(self, kind: str) -> None:
+        self.hits.labels(kind).inc()
+
+    def miss(self, kind: str) -> None:
+        self.misses.labels(kind).inc()
+
+    def evicted(self, kind: str) -> None:
+        self.evictions.labels(kind).inc()
+
+    def size(self, kind: str, entries: int, nbytes: int) -> None:
+        self.entries.labels(kind).set(entries)
+        self.bytes.labels(kind).set(nbytes)
+
+
+def create_cache_metrics(registry: CollectorRegistry, budget_bytes: int) -> CacheMetrics:
+    r = registry
+    metrics = CacheMetrics(
+        hits=Counter("sam2serve_embedding_cache_hits", "Cache lookups that found the entry, by kind", ["kind"],
+                     registry=r),
+        misses=Counter("sam2serve_embedding_cache_misses", "Cache lookups that did not, by kind", ["kind"],
+                       registry=r),
+        evictions=Counter("sam2serve_embedding_cache_evictions", "Entries evicted to stay within the budget, by "
+                          "kind", ["kind"], registry=r),
+        bytes=Gauge("sam2serve_embedding_cache_bytes", "Bytes held in the cache, by kind", ["kind"], registry=r),
+        entries=Gauge("sam2serve_embedding_cache_entries", "Entries in the cache, by kind", ["kind"], registry=r),
+        budget=Gauge("sam2serve_embedding_cache_budget_bytes", "The cache's byte budget (--embedding-cache-mb)",
+                     registry=r),
+    )
+    metrics.budget.set(budget_bytes)
+    for kind in ("image", "mask"):  # make every series exist from the start
+        for family in (metrics.hits, metrics.misses, metrics.evictions, metrics.bytes, metrics.entries):
+            family.labels(kind)
+    return metrics

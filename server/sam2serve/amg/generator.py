@@ -17,6 +17,7 @@ import numpy as np
 
 from ..domain import UNSUPERVISED, Cancelled, GenerationResult, JobControl, MaskRecord
 from ..engines.base import Engine, ImageFeatures
+from ..engines.mask_selection import LOW_RES_CLAMP
 from ..preprocess import to_model_coords, to_model_input
 from .grids import build_all_layer_point_grids, generate_crop_boxes
 from .masks import (
@@ -32,7 +33,6 @@ from .params import GeneratorParams
 from .rle import encode_rle, rle_area
 
 DEFAULT_MAX_DECODER_BATCH = 8  # ORT CPU decoder: ≈ 80 MB per prompt in a batch; 8 keeps peak RSS ≈ 2 GB
-LOW_RES_CLAMP = 32.0  # the predictor clamps low-res logits fed back as mask input
 
 
 @dataclass

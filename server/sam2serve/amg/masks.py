@@ -10,6 +10,9 @@ import numpy as np
 # A bilinear output pixel is a convex combination of 2×2 low-res cells, so it lies within their range; the
 # margin (relative to the largest |logit|) covers float rounding in that combination.
 _CONVEX_MARGIN = 1e-4
+# An output value we evaluate with cv2's taps and weights differs from cv2's by a few float32 roundings of the
+# largest |logit| at most (cv2 may fuse a multiply-add): a threshold is decided only when cleared by more.
+_EVALUATION_MARGIN = 1e-6
 
 
 def upsample_logits(low_res: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
@@ -26,8 +29,9 @@ def stability_score(logits: np.ndarray, mask_threshold: float, offset: float) ->
 
 
 def _stability_from_counts(inter: int | np.integer, union: int | np.integer) -> np.float32:
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.float32(inter) / np.float32(union)  # 0/0 is NaN, as in the reference
+    if union == 0:
+        return np.float32(np.nan)  # 0/0, as in the reference
+    return np.float32(inter) / np.float32(union)
 
 
 def upsampled_stability_and_box(low_res: np.ndarray, size_hw: tuple[int, int], mask_threshold: float,
@@ -37,30 +41,96 @@ def upsampled_stability_and_box(low_res: np.ndarray, size_hw: tuple[int, int], m
     gives its count (0 or every pixel) without upsampling, and the other thresholds are counted only inside
     the output rows and columns that can hold a value above `mask_threshold - offset`."""
     h, w = size_hw
-    high, low = float(low_res.max()), float(low_res.min())
+    row_high, col_high = low_res.max(axis=1), low_res.max(axis=0)
+    high, low = float(row_high.max()), float(low_res.min())
     margin = _CONVEX_MARGIN * max(abs(high), abs(low))
     t_low, t_high = mask_threshold - offset, mask_threshold + offset
     if high + margin <= t_low:  # nothing above even the low threshold: 0/0, as the reference gets
         return np.float32(np.nan), np.zeros(4, np.int64)
-    rows = _output_span(low_res.max(axis=1), t_low - margin, h)
-    cols = _output_span(low_res.max(axis=0), t_low - margin, w)
-    up = upsample_logits(low_res, size_hw)[rows, cols]  # a view: pixels outside are all <= t_low
+    rows = _output_span(row_high, t_low - margin, h)
+    cols = _output_span(col_high, t_low - margin, w)
+    lazy: dict[str, np.ndarray] = {}
+
+    def upsampled() -> np.ndarray:  # a view: pixels outside are all <= t_low
+        if "up" not in lazy:
+            lazy["up"] = upsample_logits(low_res, size_hw)[rows, cols]
+        return lazy["up"]
 
     def count_above(threshold: float) -> int:
         if high + margin <= threshold:
             return 0
         if low - margin > threshold:
             return h * w
-        return cv2.countNonZero((up > threshold).view(np.uint8))
+        return cv2.countNonZero((upsampled() > threshold).view(np.uint8))
 
     stability = _stability_from_counts(count_above(t_high), count_above(t_low))
     if high + margin <= mask_threshold:
         return stability, np.zeros(4, np.int64)
-    x, y, bw, bh = cv2.boundingRect((up > mask_threshold).view(np.uint8))
+    if low - margin > t_low and high + margin <= t_high:  # the counts needed no upsampled pixel: nor does the box
+        box = _box_from_edges(low_res, row_high, col_high, size_hw, mask_threshold, margin,
+                              _EVALUATION_MARGIN * max(abs(high), abs(low)))
+        if box is not None:
+            return stability, box
+    x, y, bw, bh = cv2.boundingRect((upsampled() > mask_threshold).view(np.uint8))
     if bw == 0:
         return stability, np.zeros(4, np.int64)
     x, y = x + cols.start, y + rows.start
     return stability, np.array([x, y, x + bw - 1, y + bh - 1], np.int64)
+
+
+@lru_cache(maxsize=64)
+def _linear_taps(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """cv2.resize's INTER_LINEAR taps along one axis: first source index, second, and their float32 weights."""
+    f = ((np.arange(n_dst) + 0.5) * (n_src / n_dst) - 0.5).astype(np.float32)
+    first = np.floor(f).astype(np.int64)
+    frac = (f - first.astype(np.float32)).astype(np.float32)
+    clamp = (first < 0) | (first >= n_src - 1)
+    frac[clamp] = 0.0
+    first = np.clip(first, 0, n_src - 1)
+    second = np.minimum(first + 1, n_src - 1)
+    taps = (first, second, (1.0 - frac).astype(np.float32), frac)
+    for a in taps:
+        a.flags.writeable = False
+    return taps
+
+
+def _box_from_edges(low_res: np.ndarray, row_high: np.ndarray, col_high: np.ndarray, size_hw: tuple[int, int],
+                    threshold: float, margin: float, tolerance: float) -> np.ndarray | None:
+    """The box of `upsample_logits(low_res, size_hw) > threshold` from its outermost rows and columns only.
+    Output lines are evaluated one at a time from each side with the resize's own taps and weights, skipping
+    lines whose low-res sources all lie below the threshold by `margin` (a bilinear value is a convex combination
+    of its sources); a line is decided only when its largest value clears the threshold by `tolerance`, which
+    covers any difference in float rounding from cv2's passes. `row_high`, `col_high`: the low-res rows' and
+    columns' maxima. None when a line is too close to call."""
+    h, w = size_hw
+    y0, y1, b0, b1 = _linear_taps(low_res.shape[0], h)
+    x0, x1, a0, a1 = _linear_taps(low_res.shape[1], w)
+
+    def row(y: int) -> np.ndarray:
+        top, bottom = low_res[y0[y]], low_res[y1[y]]
+        return (top[x0] * a0 + top[x1] * a1) * b0[y] + (bottom[x0] * a0 + bottom[x1] * a1) * b1[y]
+
+    def column(x: int) -> np.ndarray:
+        across = low_res[:, x0[x]] * a0[x] + low_res[:, x1[x]] * a1[x]
+        return across[y0] * b0 + across[y1] * b1
+
+    row_may = np.maximum(row_high[y0], row_high[y1]) > threshold - margin
+    col_may = np.maximum(col_high[x0], col_high[x1]) > threshold - margin
+    edges = []
+    for line, may in ((row, row_may), (column, col_may)):
+        candidates = np.flatnonzero(may)
+        for order in (candidates, candidates[::-1]):
+            for i in order:
+                top = float(line(int(i)).max())
+                if top > threshold + tolerance:
+                    edges.append(int(i))
+                    break
+                if top > threshold - tolerance:
+                    return None  # too close to call
+            else:
+                return np.zeros(4, np.int64)  # nothing above the threshold
+    (y_first, y_last), (x_first, x_last) = edges[:2], edges[2:]
+    return np.array([x_first, y_first, x_last, y_last], np.int64)
 
 
 @lru_cache(maxsize=64)

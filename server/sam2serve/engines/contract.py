@@ -14,9 +14,14 @@ DECODER_INPUTS = (
 DECODER_OUTPUTS = ("masks", "iou_predictions")
 # Backbone feature-map sizes for a 1024x1024 input, finest first (SAM2ImagePredictor._bb_feat_sizes).
 FEATURE_SIZES = ((256, 256), (128, 128), (64, 64))
-# Optional split of the decoder (same computation as "decoder"): the prompt head runs the two-way transformer
-# and the IoU head; the mask head upscales and applies the hypernetworks only for prompts that need masks.
-PROMPT_HEAD_INPUTS = DECODER_INPUTS
-PROMPT_HEAD_OUTPUTS = ("iou_predictions", "mask_tokens", "image_tokens")
-MASK_HEAD_INPUTS = ("image_tokens", "mask_tokens", "high_res_feats_0", "high_res_feats_1")
+# The factored decoder (no mask input): the same computation as "decoder", with its image-side work done once per
+# image. "decoder_context" turns the image features into the decoder's prompt-independent context (tensors whose
+# names the graph itself declares: heads take the ones they need by name); "prompt_head" runs the two-way
+# transformer for a batch of prompts and predicts the IoU of every mask token, handing its per-prompt state to
+# "mask_head", which makes the low-res logits of every mask token, run only for prompts that need masks.
+FACTORED_ROLES = ("decoder_context", "prompt_head", "mask_head")
+DECODER_CONTEXT_INPUTS = ("image_embed", "high_res_feats_0", "high_res_feats_1")
+PROMPT_INPUTS = ("point_coords", "point_labels")  # [B, P, 2] model-frame points (box corners labelled 2, 3), [B, P]
+PROMPT_STATE = ("mask_queries", "coeffs", "inv_std", "mix")  # prompt head → mask head, per prompt
+PROMPT_HEAD_OUTPUTS = ("iou_predictions", *PROMPT_STATE)
 MASK_HEAD_OUTPUTS = ("masks",)

@@ -9,6 +9,8 @@ import numpy as np
 
 from .manifest import Manifest
 
+LOW_RES_CLAMP = 32.0  # SAM2ImagePredictor clamps the low-res logits it returns, which callers feed back as mask input
+
 
 def select_multimask(masks: np.ndarray, iou: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return masks[:, 1:], iou[:, 1:]

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .base import AllTokensEngine, DecodedMasks, EngineInfo, ImageFeatures, decoder_feeds, warn_if_untrained
+from .base import EngineInfo, ImageFeatures, decoder_feeds, warn_if_untrained
 from .contract import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
-    MASK_HEAD_INPUTS,
-    MASK_HEAD_OUTPUTS,
-    PROMPT_HEAD_INPUTS,
-    PROMPT_HEAD_OUTPUTS,
+    FACTORED_ROLES,
 )
+from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, FactoredDecoding, check_factored_graphs
 from .manifest import (
     Manifest,
     ManifestError,
@@ -26,7 +26,8 @@ from .manifest import (
     read_manifest,
     verify_engine_files,
 )
-from .mask_selection import select_multimask
+
+log = logging.getLogger(__name__)
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
@@ -42,7 +43,7 @@ def session_signature(args: list[ort.NodeArg]) -> list[TensorSpec]:
     return [TensorSpec(a.name, _ORT_DTYPES.get(a.type, a.type), list(a.shape)) for a in args]
 
 
-class OnnxEngine(AllTokensEngine):
+class OnnxEngine(FactoredDecoding):
     """Opens a validated engine directory and runs its encoder/decoder as plain numpy in/out."""
 
     backend = "onnxruntime"
@@ -56,11 +57,20 @@ class OnnxEngine(AllTokensEngine):
         warmup: bool = True,
         verify_hashes: bool = True,
         decoder_mem_arena: bool = True,
+        factored: bool = True,
+        decoder_memory_bytes: int = DEFAULT_DECODER_MEMORY,
+        head_workers: int = 1,
     ) -> None:
+        """`factored=False` runs every prompt through decoder.onnx (as engine directories exported before the
+        factored decoder do); `decoder_memory_bytes` bounds the working memory of a factored head's batch;
+        `head_workers` > 1 runs the factored heads' batches that many at a time, one thread each."""
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory)
-        self.manifest_split = {"prompt_head", "mask_head"} <= set(self.manifest.engines)
-        roles = [encoder_variant, "decoder", *(["prompt_head", "mask_head"] if self.manifest_split else [])]
+        has_factored = set(FACTORED_ROLES) <= set(self.manifest.engines)
+        if factored and not has_factored:
+            log.info("%s has no factored decoder (exported before it existed): every prompt runs decoder.onnx; "
+                     "re-export the engines for a decoder about ten times cheaper", self.directory)
+        roles = [encoder_variant, "decoder", *(FACTORED_ROLES if factored and has_factored else ())]
         if verify_hashes:
             verify_engine_files(self.directory, self.manifest, roles)
         self.providers = list(providers) if providers else default_providers()
@@ -85,18 +95,34 @@ class OnnxEngine(AllTokensEngine):
         self._encoder = self._open(encoder_variant, options, ENCODER_INPUTS, ENCODER_OUTPUTS)
         options.enable_cpu_mem_arena = decoder_mem_arena
         self._decoder = self._open("decoder", options, DECODER_INPUTS, DECODER_OUTPUTS)
-        self._prompt_head = self._mask_head = None
-        if self.manifest_split:
-            self._prompt_head = self._open("prompt_head", options, PROMPT_HEAD_INPUTS, PROMPT_HEAD_OUTPUTS)
-            self._mask_head = self._open("mask_head", options, MASK_HEAD_INPUTS, MASK_HEAD_OUTPUTS)
+        self._factored: FactoredDecoder | None = None
+        if factored and has_factored:
+            if head_workers > 1:
+                options.intra_op_num_threads = 1
+            self._factored = self._open_factored(options, decoder_memory_bytes, head_workers)
         warn_if_untrained(self.directory, self.manifest)
         if warmup:
             self.warm_up()
 
-    def _open(self, role: str, options: ort.SessionOptions, inputs: tuple[str, ...],
-              outputs: tuple[str, ...]) -> ort.InferenceSession:
+    def _open_factored(self, options: ort.SessionOptions, memory_bytes: int, workers: int) -> FactoredDecoder:
+        context, prompt, mask = (self._open(role, options) for role in FACTORED_ROLES)
+        names = [[a.name for a in args] for args in (context.get_outputs(), prompt.get_inputs(),
+                                                     prompt.get_outputs(), mask.get_inputs(), mask.get_outputs())]
+        check_factored_graphs(*names)
+
+        def runner(session: ort.InferenceSession) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+            return lambda feeds: session.run(None, feeds)
+
+        return FactoredDecoder(self.manifest, runner(context), runner(prompt), runner(mask), names[0], names[1],
+                               names[3], memory_bytes, workers=workers)
+
+    def _open(self, role: str, options: ort.SessionOptions, inputs: tuple[str, ...] | None = None,
+              outputs: tuple[str, ...] | None = None) -> ort.InferenceSession:
+        """`inputs`/`outputs`: the names this server needs, when the contract fixes them (the factored graphs'
+        names are checked against each other instead)."""
         entry = self.manifest.engine_file(role)
-        if tuple(t.name for t in entry.inputs) != inputs or tuple(t.name for t in entry.outputs) != outputs:
+        declared_in, declared_out = tuple(t.name for t in entry.inputs), tuple(t.name for t in entry.outputs)
+        if inputs is not None and outputs is not None and (declared_in != inputs or declared_out != outputs):
             raise ManifestError(
                 f"{role} in the manifest declares inputs {[t.name for t in entry.inputs]} and outputs "
                 f"{[t.name for t in entry.outputs]}; this server needs {list(inputs)} → {list(outputs)}"
@@ -128,32 +154,13 @@ class OnnxEngine(AllTokensEngine):
         point_labels: np.ndarray,
         mask_input: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The raw graph: logits and IoU of every mask token, [B, T, 256, 256] and [B, T]."""
+        """Logits and IoU of every mask token, [B, T, 256, 256] and [B, T]: the factored decoder without a mask
+        input (when exported), decoder.onnx with one."""
+        if mask_input is None and self._factored is not None:
+            return self._factored.decode_all_tokens(features, point_coords, point_labels)
         masks, iou = self._decoder.run(list(DECODER_OUTPUTS), decoder_feeds(
             features, point_coords, point_labels, mask_input, self.manifest.low_res_mask_size))
         return masks, iou
 
-    @property
-    def can_skip_masks(self) -> bool:
-        """True when the split decoder is loaded, so that `decode_above` skips the masks it need not make."""
-        return self._prompt_head is not None
-
-    def decode_above(self, features: ImageFeatures, point_coords: np.ndarray, point_labels: np.ndarray,
-                     iou_threshold: float) -> DecodedMasks:
-        """With the split decoder, masks only for prompts with some multimask IoU above `iou_threshold`; the
-        other prompts' logits are left at zero (callers filter them out by IoU)."""
-        if self._prompt_head is None or self._mask_head is None:
-            return super().decode_above(features, point_coords, point_labels, iou_threshold)
-        iou, mask_tokens, image_tokens = self._prompt_head.run(list(PROMPT_HEAD_OUTPUTS), decoder_feeds(
-            features, point_coords, point_labels, None, self.manifest.low_res_mask_size))
-        size = self.manifest.low_res_mask_size
-        masks = np.zeros((len(iou), iou.shape[1], size, size), np.float32)
-        rows = np.flatnonzero((iou[:, 1:] > iou_threshold).any(axis=1))
-        if len(rows):
-            masks[rows] = self._mask_head.run(list(MASK_HEAD_OUTPUTS), {
-                "image_tokens": image_tokens[rows], "mask_tokens": mask_tokens[rows],
-                "high_res_feats_0": features.high_res_feats_0, "high_res_feats_1": features.high_res_feats_1})[0]
-        return DecodedMasks(*select_multimask(masks, iou))
-
     def close(self) -> None:
-        self._encoder = self._decoder = self._prompt_head = self._mask_head = None
+        self._encoder = self._decoder = self._factored = None

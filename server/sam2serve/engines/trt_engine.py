@@ -9,9 +9,11 @@ Plans only run on the GPU model and TensorRT version they were built with, so th
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -19,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import PER_PROMPT_INPUTS, AllTokensEngine, ImageFeatures, decoder_feeds, warn_if_untrained
-from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from .base import PER_PROMPT_INPUTS, ImageFeatures, decoder_feeds, warn_if_untrained
+from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, FACTORED_ROLES
+from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, FactoredDecoding, check_factored_graphs
 from .manifest import (
     Manifest,
     ManifestError,
@@ -31,11 +34,14 @@ from .manifest import (
     verify_engine_files,
 )
 
+log = logging.getLogger(__name__)
+
 TRT_DIR = "trt"
 TRT_MANIFEST_NAME = "trt_manifest.json"
 TRT_FORMAT_VERSION = 1
-PLAN_ROLES = ("encoder", "decoder")
+PLAN_ROLES = ("encoder", "decoder")  # always built; the factored decoder's plans too when the directory has it
 FEATURE_NAMES = ("image_embed", "high_res_feats_0", "high_res_feats_1")
+FEATURE_NAMES_SET = frozenset(FEATURE_NAMES)
 INSTALL_HINT = "pip install 'sam2serve[trt]' on a machine with an NVIDIA GPU"
 
 
@@ -147,9 +153,15 @@ def read_trt_manifest(plan_dir: Path) -> dict[str, Any]:
     return raw
 
 
+def plan_roles(manifest: Manifest) -> tuple[str, ...]:
+    """The roles `export trt` builds for this engine directory: encoder, decoder and, when exported, the factored
+    decoder's three graphs."""
+    return PLAN_ROLES + (FACTORED_ROLES if set(FACTORED_ROLES) <= set(manifest.engines) else ())
+
+
 def verify_plans(plan_dir: Path, trt_manifest: dict[str, Any], manifest: Manifest, hashes: bool) -> None:
     """Each plan was built from the ONNX the manifest names now and (if `hashes`) is unchanged since."""
-    for role in PLAN_ROLES:
+    for role in [r for r in plan_roles(manifest) if r in PLAN_ROLES or r in trt_manifest["plans"]]:
         entry = trt_manifest["plans"][role]
         onnx = manifest.engine_file(role)
         if entry["onnx_sha256"] != onnx.sha256:
@@ -289,7 +301,7 @@ class _PlanRunner:
         self._buffers.free()
 
 
-class TensorRTEngine(AllTokensEngine):
+class TensorRTEngine(FactoredDecoding):
     """Opens an engine directory's TensorRT plans for this GPU; same interface as OnnxEngine."""
 
     backend = "tensorrt"
@@ -300,7 +312,11 @@ class TensorRTEngine(AllTokensEngine):
         plan_key: str | None = None,
         warmup: bool = True,
         verify_hashes: bool = True,
+        decoder_memory_bytes: int = DEFAULT_DECODER_MEMORY,
+        factored: bool = True,
     ) -> None:
+        """`factored=False` runs every prompt through the decoder plan (as plans built before the factored decoder
+        do); `decoder_memory_bytes` bounds the host memory of a factored head's batch."""
         trt, cudart = _import_backends()
         self.directory = Path(directory)
         self.providers = ["TensorRT"]
@@ -320,11 +336,19 @@ class TensorRTEngine(AllTokensEngine):
         self._lock = threading.Lock()  # an execution context runs one call at a time
         self._encoder: _PlanRunner | None = None
         self._decoder: _PlanRunner | None = None
+        self._factored_runners: dict[str, _PlanRunner] = {}
+        self._factored: FactoredDecoder | None = None
         self._stream = cuda_call(cudart, "cudaStreamCreate")
         try:
             self._encoder = self._open(trt, "encoder", ENCODER_INPUTS, ENCODER_OUTPUTS)
             self._decoder = self._open(trt, "decoder", DECODER_INPUTS, DECODER_OUTPUTS)
             _, _, (self.max_batch, self.max_points, _) = self._decoder.profile_shapes("point_coords")
+            has_plans = all(role in self.trt_manifest["plans"] for role in FACTORED_ROLES)
+            if factored and has_plans:
+                self._factored = self._open_factored(trt, decoder_memory_bytes)
+            elif factored and set(FACTORED_ROLES) <= set(self.manifest.engines):
+                log.info("plans in %s predate the factored decoder: every prompt runs the decoder plan; rebuild the "
+                         "TensorRT plans for the factored one", self.plan_dir)
             warn_if_untrained(self.directory, self.manifest)
             if warmup:
                 self.warm_up()
@@ -349,17 +373,56 @@ class TensorRTEngine(AllTokensEngine):
             )
         return root / plan_key
 
+    def _open_factored(self, trt: ModuleType, memory_bytes: int) -> FactoredDecoder:
+        runners = {role: self._open(trt, role) for role in FACTORED_ROLES}
+        self._factored_runners = runners
+        declared = {role: self.manifest.engine_file(role) for role in FACTORED_ROLES}
+        context, prompt, mask = (declared[r] for r in FACTORED_ROLES)
+        names = [[t.name for t in ts] for ts in (context.outputs, prompt.inputs, prompt.outputs, mask.inputs,
+                                                   mask.outputs)]
+        check_factored_graphs(*names)
+        context_names = frozenset(names[0])
+
+        def run(role: str) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+            order = [t.name for t in declared[role].outputs]
+
+            def call(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+                with self._lock:
+                    runner = self._factored_runners[role]
+                    outputs = dict(zip(runner.outputs, runner.run(feeds, keep=context_names | FEATURE_NAMES_SET),
+                                       strict=True))
+                return [outputs[name] for name in order]
+
+            return call
+
+        _, _, (max_batch, *_) = runners["prompt_head"].profile_shapes("point_coords")
+        return FactoredDecoder(self.manifest, run("decoder_context"), run("prompt_head"), run("mask_head"),
+                               names[0], names[1], names[3], memory_bytes, max_batch=max_batch)
+
     def _open(
-        self, trt: ModuleType, role: str, inputs: tuple[str, ...], outputs: tuple[str, ...]
+        self, trt: ModuleType, role: str, inputs: tuple[str, ...] | None = None,
+        outputs: tuple[str, ...] | None = None,
     ) -> _PlanRunner:
+        """`inputs`/`outputs`: the names this server needs, when the contract fixes them (the factored graphs'
+        names are checked against each other and the manifest instead)."""
         path = self.plan_dir / self.trt_manifest["plans"][role]["file"]
         runner = _PlanRunner(trt, self._cudart, self._stream, path, role)
+        entry = self.manifest.engine_file(role)
+        if inputs is None or outputs is None:
+            inputs, outputs = tuple(t.name for t in entry.inputs), tuple(t.name for t in entry.outputs)
+            if set(runner.inputs) != set(inputs) or set(runner.outputs) != set(outputs):
+                raise ManifestError(f"{role} plan {path} has inputs {runner.inputs} and outputs {runner.outputs}; "
+                                    f"its ONNX declares {list(inputs)} → {list(outputs)}")
+            check_signature(role, [t for n in runner.inputs for t in entry.inputs if t.name == n],
+                            runner.signature(runner.inputs), "input")
+            check_signature(role, [t for n in runner.outputs for t in entry.outputs if t.name == n],
+                            runner.signature(runner.outputs), "output")
+            return runner
         if tuple(runner.inputs) != inputs or tuple(runner.outputs) != outputs:
             raise ManifestError(
                 f"{role} plan {path} has inputs {runner.inputs} and outputs {runner.outputs}; "
                 f"this server needs {list(inputs)} → {list(outputs)}"
             )
-        entry = self.manifest.engine_file(role)
         check_signature(role, entry.inputs, runner.signature(runner.inputs), "input")
         check_signature(role, entry.outputs, runner.signature(runner.outputs), "output")
         return runner
@@ -382,17 +445,20 @@ class TensorRTEngine(AllTokensEngine):
         point_labels: np.ndarray,
         mask_input: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The raw graph: logits and IoU of every mask token, [B, T, 256, 256] and [B, T].
+        """Logits and IoU of every mask token, [B, T, 256, 256] and [B, T]: the factored decoder's plans without a
+        mask input (when built), the decoder plan with one.
 
-        Batches above the plan's profile maximum run in chunks of that size.
+        Batches above the plans' profile maximum run in chunks of that size.
         """
         batch, points = point_coords.shape[:2]
         if batch == 0:
             raise ValueError("decode needs at least one prompt")
-        if points > self.max_points:
+        if points > self.max_points:  # the factored plans are built for the same range of points
             raise ValueError(
                 f"{points} points per prompt; the TensorRT plan was built for at most {self.max_points}"
             )
+        if mask_input is None and self._factored is not None:
+            return self._factored.decode_all_tokens(features, point_coords, point_labels)
         feeds = decoder_feeds(features, point_coords, point_labels, mask_input, self.manifest.low_res_mask_size)
         masks, iou = [], []
         with self._lock:
@@ -410,10 +476,11 @@ class TensorRTEngine(AllTokensEngine):
 
     def close(self) -> None:
         with self._lock:
-            for runner in (self._encoder, self._decoder):
+            for runner in (self._encoder, self._decoder, *self._factored_runners.values()):
                 if runner is not None:
                     runner.close()
-            self._encoder = self._decoder = None
+            self._encoder = self._decoder = self._factored = None
+            self._factored_runners = {}
             if getattr(self, "_stream", None) is not None:
                 cuda_call(self._cudart, "cudaStreamDestroy", self._stream)
                 self._stream = None

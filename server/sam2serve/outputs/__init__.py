@@ -52,7 +52,7 @@ class RenderedOutputs:
 def render_outputs(result: GenerationResult, image_rgb: np.ndarray | None, fmt: str = "png",
                    include_individual: bool = True, max_masks: int | None = None, *,
                    include_overlay: bool = False, jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> RenderedOutputs:
-    """Encoded pictures of `result` in `fmt` ('png' or 'jpeg'; JPEG is lossy, also for binary masks).
+    """Encoded pictures of `result` in `fmt` ('png', 'jpeg' or 'webp'; JPEG is lossy, also for binary masks).
 
     `image_rgb` (HxWx3 uint8, the image the masks were generated from) is needed only for the overlay.
     `max_masks` (None: no limit) keeps the first `max_masks` records in response order.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from .. import __version__
@@ -17,20 +19,35 @@ from ..request_fields import FIELDS, RequestLimits, segment_request
 from ..v1 import sam2serve_pb2 as pb
 
 _KIND_NAMES = {"image_url": "url", "image_data_uri": "data_uri", "image_bytes": "bytes"}
+_OUTPUT_FORMATS: dict[int, str] = {pb.OUTPUT_FORMAT_UNSPECIFIED: "png", pb.OUTPUT_FORMAT_PNG: "png",
+                                   pb.OUTPUT_FORMAT_JPEG: "jpeg", pb.OUTPUT_FORMAT_WEBP: "webp"}
+
+
+def output_format(value: int) -> str:
+    if value not in _OUTPUT_FORMATS:
+        raise InvalidInput(f"output_format {value} is not one of {sorted(_OUTPUT_FORMATS)}", field="output_format")
+    return _OUTPUT_FORMATS[value]
+
+
+def image_field(msg: Any) -> tuple[str, str | bytes]:
+    """The field set in a request's `image` oneof and its value; InvalidInput when none is set or it is empty."""
+    kind = msg.WhichOneof("image")
+    if kind is None:
+        names = [f.name for f in msg.DESCRIPTOR.oneofs_by_name["image"].fields]
+        raise InvalidInput(f"no image in the request: set one of {', '.join(names[:-1])} or {names[-1]}",
+                           field="image")
+    value = getattr(msg, kind)
+    if not value:
+        raise InvalidInput(f"{kind} is empty", field=kind)
+    return kind, value
 
 
 def to_segment_request(msg: pb.AutoSegmentRequest, limits: RequestLimits,
                        defaults: GeneratorParams | None = None) -> SegmentRequest:
-    kind = msg.WhichOneof("image")
-    if kind is None:
-        raise InvalidInput("no image in the request: set one of image_url, image_data_uri or image_bytes")
-    value = getattr(msg, kind)
-    if not value:
-        raise InvalidInput(f"{kind} is empty", field=kind)
+    kind, value = image_field(msg)
     fields = {name: getattr(msg, name) for name in FIELDS if msg.HasField(name)}
     return segment_request(
-        _KIND_NAMES[kind], value, fields, limits, defaults=defaults,
-        fmt="jpeg" if msg.output_format == pb.OUTPUT_FORMAT_JPEG else "png",
+        _KIND_NAMES[kind], value, fields, limits, defaults=defaults, fmt=output_format(msg.output_format),
         individual_masks=msg.return_individual_masks if msg.HasField("return_individual_masks") else True,
         rle=msg.return_rle, overlay=msg.return_overlay, webhook_url=msg.webhook_url)
 
@@ -48,6 +65,8 @@ def server_info(app: App) -> pb.ServerInfo:
                        max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers,
                        queue_size=config.queue_size, workers=config.workers,
                        max_message_bytes=config.max_message_bytes, result_ttl_seconds=config.result_ttl_seconds,
+                       max_prompt_points=config.max_prompt_points, max_prompt_boxes=config.max_prompt_boxes,
+                       embedding_cache_bytes=config.embedding_cache_mb * 1024 * 1024,
                        max_decoder_prompts=config.max_decoder_prompts,
                        job_time_limit_seconds=config.job_time_limit_seconds,
                        queue_image_bytes=config.queue_image_bytes, max_status_streams=config.max_status_streams)
@@ -55,7 +74,7 @@ def server_info(app: App) -> pb.ServerInfo:
                          warning="" if engine.trained else UNTRAINED_WARNING)
 
 
-def _image(e: EncodedImage) -> pb.Image:
+def to_image(e: EncodedImage) -> pb.Image:
     return pb.Image(data=e.data, content_type=e.content_type, file_name=e.file_name, file_size=e.file_size,
                     width=e.width, height=e.height)
 
@@ -79,12 +98,12 @@ def to_response(result: JobResult, model: pb.ModelInfo) -> pb.AutoSegmentRespons
                               output_seconds=t["output"],
                               total_seconds=queue_s + (t["image"] + t["encoder"] + t["decoder"] + t["postprocess"]
                                                        + t["output"]))
-    response = pb.AutoSegmentResponse(combined_mask=_image(rendered.combined),
-                                      individual_masks=[_image(i) for i in rendered.individual], masks=masks,
+    response = pb.AutoSegmentResponse(combined_mask=to_image(rendered.combined),
+                                      individual_masks=[to_image(i) for i in rendered.individual], masks=masks,
                                       timings=timings, model=model, total_masks=len(outcome.result.records),
                                       request_id=request_id)
     if rendered.overlay is not None:
-        response.overlay.CopyFrom(_image(rendered.overlay))
+        response.overlay.CopyFrom(to_image(rendered.overlay))
     return response
 
 

@@ -1,5 +1,5 @@
-"""The gRPC adapter's server: the AutoSegmentService servicer over the app's data plane, with health,
-reflection, API keys, TLS and message-size limits."""
+"""The gRPC adapter's server: the AutoSegmentService and PromptSegmentService servicers over the app's data
+planes, with health, reflection, API keys, TLS and message-size limits."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
 from .auth import ApiKeyInterceptor
 from .convert import server_info
+from .prompt_servicer import PromptSegmentServicer
 from .servicer import AutoSegmentServicer
 from .wire import UndecodableRequests
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
+PROMPT_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PromptSegmentService"].full_name
 REQUEST_SLACK_BYTES = 64 * 1024  # a request's fields besides its image, and a data URI's header
 
 
@@ -35,8 +37,10 @@ class GrpcAdapter:
 
     def __init__(self, app: App) -> None:
         config = app.config
-        self.servicer = AutoSegmentServicer(app.jobs, server_info(app), RequestLimits.of(config),
-                                            config.max_message_bytes, app.metrics)
+        info = server_info(app)
+        self.servicer = AutoSegmentServicer(app.jobs, info, RequestLimits.of(config), config.max_message_bytes,
+                                            app.metrics)
+        self.prompt_servicer = PromptSegmentServicer(app.prompts, info.model, config.max_message_bytes, app.metrics)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", receive_limit(config.max_message_bytes,
                                                                      config.max_image_bytes)),
@@ -48,11 +52,12 @@ class GrpcAdapter:
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         pb_grpc.add_AutoSegmentServiceServicer_to_server(self.servicer, self.server)
+        pb_grpc.add_PromptSegmentServiceServicer_to_server(self.prompt_servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+            (SERVICE_NAME, PROMPT_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
         try:
             if config.tls_cert and config.tls_key:
@@ -70,7 +75,7 @@ class GrpcAdapter:
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
+        for name in ("", SERVICE_NAME, PROMPT_SERVICE_NAME):
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float) -> None:

@@ -9,7 +9,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -31,12 +31,18 @@ _CANCEL = {CancelOutcome.CANCELLED_IN_QUEUE: pb.CancelResponse.CANCELLED_IN_QUEU
 PROTOCOL = "grpc"  # the protocol label of this adapter's metrics
 
 
+class Observable(Protocol):
+    """A servicer `observed` can wrap the methods of (AutoSegmentServicer, PromptSegmentServicer)."""
+
+    metrics: Metrics
+
+
 def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
     """Every RPC: an error becomes its status (`error_table`; INTERNAL, logged, for a bug), and
     the call is counted by method and final status code and timed (sam2serve_requests_total, ...)."""
     name = rpc.__name__
 
-    async def fail(self: AutoSegmentServicer, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    async def fail(self: Observable, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         code, message = error_code(exc)
         if code.rejected:
             self.metrics.rejected.labels(code.rejected, PROTOCOL).inc()
@@ -44,7 +50,7 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
             log.error("internal error in %s", type(exc).__name__, exc_info=exc)
         await context.abort(code.grpc, message)
 
-    def record(self: AutoSegmentServicer, start: float, context: grpc.aio.ServicerContext,
+    def record(self: Observable, start: float, context: grpc.aio.ServicerContext,
                exc: BaseException | None) -> None:
         if exc is None:
             code = "OK"
@@ -58,7 +64,7 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
 
     if inspect.isasyncgenfunction(rpc):
         @functools.wraps(rpc)
-        async def streaming(self: AutoSegmentServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def streaming(self: Observable, request: Any, context: grpc.aio.ServicerContext) -> Any:
             start, error = time.perf_counter(), None
             try:
                 try:
@@ -75,7 +81,7 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
         return streaming
 
     @functools.wraps(rpc)
-    async def unary(self: AutoSegmentServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary(self: Observable, request: Any, context: grpc.aio.ServicerContext) -> Any:
         start, error = time.perf_counter(), None
         try:
             try:

@@ -8,7 +8,10 @@ Routes, under this server's base URL (what fal serves at queue.fal.run, fal.run 
     GET  /queue/fal-ai/sam2/requests/<id>                   result
     PUT  /queue/fal-ai/sam2/requests/<id>/cancel            cancel
     POST /fal-ai/sam2/auto-segment                          run and wait       (fal.run/<app>)
+    POST /fal-ai/sam2/image                                 prompted segmentation on the prompt data plane, run
+                                                            and wait (fal.run only: the queue runs auto-segment)
     POST /storage/upload/initiate, PUT|GET /fal/uploads/<token>   the JavaScript client's uploads
+    GET  /fal/uploads/<token>/<file name>                   fal-ai/sam2/image's output (without sync_mode)
     GET  /files/<id>/<file name>                            result files (the output's URLs without sync_mode)
     any  /fal/proxy with x-fal-target-url: <fal URL>        @fal-ai/client's proxyUrl: served as that URL
 
@@ -21,10 +24,11 @@ import asyncio
 import functools
 import json
 import logging
+import mimetypes
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from sse_starlette import EventSourceResponse
@@ -42,10 +46,11 @@ from ...errors import ImageTooLarge, InvalidInput, JobNotFound, Unauthenticated
 from ...jobs import CancelOutcome, JobResult, JobService, JobSnapshot
 from ...limits import describe_bytes
 from ...metrics import Metrics
+from ...prompts import PromptWorkers
 from ...request_fields import RequestLimits
 from ..auth import MISSING_KEY, key_matches
-from . import schema
-from .uploads import UPLOAD_PATH, Uploads, token_of
+from . import image_schema, schema
+from .uploads import UPLOAD_PATH, Uploads, keep, token_of
 
 log = logging.getLogger(__name__)
 PROTOCOL = "http"  # the protocol label of this adapter's metrics
@@ -54,6 +59,7 @@ TARGET_HEADER = "x-fal-target-url"
 # fal host → where its paths live here
 _FAL_HOSTS = {"queue.fal.run": "/queue", "fal.run": "", "rest.fal.ai": ""}
 PING_S = 15.0  # SSE keep-alive comments, for proxies that close idle connections
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,9 @@ def endpoint(rpc: str, public: bool = False) -> Callable[[Handler], Handler]:
 
 
 class FalApi:
-    def __init__(self, jobs: JobService, uploads: Uploads, settings: FalSettings, metrics: Metrics) -> None:
-        self.jobs, self.uploads, self.settings, self.metrics = jobs, uploads, settings, metrics
+    def __init__(self, jobs: JobService, prompts: PromptWorkers, uploads: Uploads, settings: FalSettings,
+                 metrics: Metrics) -> None:
+        self.jobs, self.prompts, self.uploads, self.settings, self.metrics = jobs, prompts, uploads, settings, metrics
         self._key = settings.api_key.encode()
 
     def asgi(self) -> ASGIApp:
@@ -103,11 +110,14 @@ class FalApi:
             Route("/queue/{app:path}/requests/{request_id}/status", self.status, methods=["GET"]),
             Route("/queue/{app:path}/requests/{request_id}/cancel", self.cancel, methods=["PUT"]),
             Route("/queue/{app:path}/requests/{request_id}", self.result, methods=["GET"]),
+            Route(f"/queue/{image_schema.IMAGE_APP}", self.submit_image, methods=["POST"]),
             Route("/queue/{app:path}", self.submit, methods=["POST"]),
             Route("/storage/upload/initiate", self.initiate_upload, methods=["POST"]),
             Route(UPLOAD_PATH + "{token}", self.put_upload, methods=["PUT"]),
             Route(UPLOAD_PATH + "{token}", self.get_upload, methods=["GET"]),
+            Route(UPLOAD_PATH + "{token}/{file_name}", self.get_upload, methods=["GET"]),
             Route("/files/{request_id}/{file_name}", self.file, methods=["GET"]),
+            Route(f"/{image_schema.IMAGE_APP}", self.segment_image, methods=["POST"]),
             Route("/{app:path}", self.run, methods=["POST"]),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
@@ -169,14 +179,36 @@ class FalApi:
         _app(request, exact=True)
         try:
             async with self.jobs.attached(await self._segment_request(request)) as job:
-                if not await _wait_unless_gone(request, self.jobs.wait(job.id)):
-                    raise _CallerLeft  # the data plane cancels the job of a caller that left
+                await _unless_gone(request, self.jobs.wait(job.id))  # the data plane cancels a left caller's job
                 result = await _job_result(self.jobs, job.id)
         except _CallerLeft:
             return Response(status_code=499)  # nobody reads it: the caller has gone
         urls = self._urls(request, job.id)
         return await _json_off_loop(lambda: schema.output(result.outcome, result.request, urls),
                                     _request_id(job.id))
+
+    # -- fal-ai/sam2/image: prompts on the prompt data plane (gRPC's Segment), run and wait -----------------
+    @endpoint("Segment")
+    async def segment_image(self, request: Request) -> Response:
+        document = await self._document(request)
+        prompt, options = image_schema.to_prompt_request(document, await self._uploaded_image(document))
+        try:  # a caller that leaves before its turn takes its call out of the prompt workers' line
+            outcome = await _unless_gone(request, self.prompts.segment(prompt))
+        except _CallerLeft:
+            return Response(status_code=499)
+        loop = asyncio.get_running_loop()
+        picture = await loop.run_in_executor(None, image_schema.output_image, outcome, options)
+        if options.sync_mode:
+            return await _json_off_loop(lambda: {"image": schema.file_object(picture, schema.data_uri(picture))}, {})
+        url = f"{self._base(request)}{UPLOAD_PATH}{await keep(self.uploads, picture.data)}/{picture.file_name}"
+        return JSONResponse({"image": schema.file_object(picture, url)})
+
+    @endpoint("Submit")
+    async def submit_image(self, request: Request) -> Response:
+        raise JobNotFound(
+            f"{image_schema.IMAGE_APP} is served synchronously only: POST {self._base(request)}/"
+            f"{image_schema.IMAGE_APP} (fal.run; fal_client.run, or fal.run in @fal-ai/client). This server's queue "
+            f"runs {schema.APP_ID} jobs only")
 
     # -- files -------------------------------------------------------------------------------------------
     @endpoint("GetFile")
@@ -206,7 +238,8 @@ class FalApi:
         data = await self.uploads.get(request.path_params["token"])
         if data is None:
             raise JobNotFound("no upload at this URL (unknown or expired token)")
-        return Response(data, media_type="application/octet-stream")
+        content_type = mimetypes.guess_type(request.path_params.get("file_name", ""))[0]
+        return Response(data, media_type=content_type or "application/octet-stream")
 
     # -- helpers -----------------------------------------------------------------------------------------
     def authorise(self, request: Request) -> None:
@@ -223,21 +256,28 @@ class FalApi:
         return JSONResponse(body, status, headers=headers)
 
     async def _segment_request(self, request: Request) -> SegmentRequest:
+        document = await self._document(request)
+        return schema.to_segment_request(document, await self._uploaded_image(document), self.settings.limits,
+                                         request.query_params.get("fal_webhook", ""), self._base(request))
+
+    async def _document(self, request: Request) -> object:
+        """The request's JSON body, parsed off the event loop."""
         body = await _body(request, self.settings.max_body_bytes, "the request body")
         try:
-            document = await asyncio.get_running_loop().run_in_executor(None, json.loads, body)
+            return await asyncio.get_running_loop().run_in_executor(None, json.loads, body)
         except ValueError as e:
             raise InvalidInput(f"the request body is not valid JSON ({e})") from None
+
+    async def _uploaded_image(self, document: object) -> tuple[str, str | bytes] | None:
+        """("bytes", data) when image_url names a file this server holds (an upload, an earlier output)."""
         url = document.get("image_url") if isinstance(document, dict) else None
-        image = None
-        if isinstance(url, str) and (token := token_of(url)) is not None:
-            data = await self.uploads.get(token)
-            if data is None:
-                raise InvalidInput("image_url names an upload to this server that is unknown or expired",
-                                   field="image_url")
-            image = ("bytes", data)
-        return schema.to_segment_request(document, image, self.settings.limits,
-                                         request.query_params.get("fal_webhook", ""), self._base(request))
+        if not isinstance(url, str) or (token := token_of(url)) is None:
+            return None
+        data = await self.uploads.get(token)
+        if data is None:
+            raise InvalidInput("image_url names an upload to this server that is unknown or expired",
+                               field="image_url")
+        return "bytes", data
 
     def _status(self, request: Request, snapshot: JobSnapshot) -> dict[str, Any]:
         logs = request.query_params.get("logs", "0").lower() in ("1", "true")
@@ -251,10 +291,12 @@ class FalApi:
 
 
 def _app(request: Request, exact: bool = False) -> None:
-    """Only fal-ai/sam2/auto-segment is served; a request is addressed by the app's owner/alias as well."""
+    """fal-ai/sam2/auto-segment's routes (fal-ai/sam2/image has its own); a request is addressed by the app's
+    owner/alias as well."""
     app = request.path_params["app"]
     if app != schema.APP_ID and (exact or app != schema.QUEUE_APP):
-        raise JobNotFound(f"this server serves {schema.APP_ID}, not {app!r}")
+        raise JobNotFound(f"this server serves {schema.APP_ID} (queue and run) and {image_schema.IMAGE_APP} "
+                          f"(run), not {app!r}")
 
 
 def _request_id(job_id: str) -> dict[str, str]:
@@ -291,8 +333,8 @@ async def _json_off_loop(make: Callable[[], object], headers: dict[str, str]) ->
     return Response(body, media_type="application/json", headers=headers)
 
 
-async def _wait_unless_gone(request: Request, waiting: Awaitable[object]) -> bool:
-    """Await `waiting` (True), or stop when the client disconnects first (False)."""
+async def _unless_gone(request: Request, waiting: Awaitable[T]) -> T:
+    """`waiting`'s value, or _CallerLeft when the client disconnects first (`waiting` is then cancelled)."""
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -305,9 +347,8 @@ async def _wait_unless_gone(request: Request, waiting: Awaitable[object]) -> boo
         for task in (job, gone):
             task.cancel()
     if job.done() and not job.cancelled():
-        job.result()  # its error, if any
-        return True
-    return False
+        return job.result()  # or its error
+    raise _CallerLeft
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -87,13 +87,20 @@ def output(outcome: SegmentOutcome, request: SegmentRequest, urls: RequestUrls) 
     inline = bool(request.delivery.get("sync_mode"))
 
     def file(image: EncodedImage) -> dict[str, Any]:
-        url = (f"data:{image.content_type};base64,{base64.b64encode(image.data).decode()}" if inline
-               else urls.file(image.file_name))
-        return {"url": url, "content_type": image.content_type, "file_name": image.file_name,
-                "file_size": image.file_size, "width": image.width, "height": image.height}
+        return file_object(image, data_uri(image) if inline else urls.file(image.file_name))
 
     rendered = outcome.rendered
     return {"combined_mask": file(rendered.combined), "individual_masks": [file(i) for i in rendered.individual]}
+
+
+def file_object(image: EncodedImage, url: str) -> dict[str, Any]:
+    """fal's File (an Image: with width and height) for a picture at `url`."""
+    return {"url": url, "content_type": image.content_type, "file_name": image.file_name,
+            "file_size": image.file_size, "width": image.width, "height": image.height}
+
+
+def data_uri(image: EncodedImage) -> str:
+    return f"data:{image.content_type};base64,{base64.b64encode(image.data).decode()}"
 
 
 def status(snapshot: JobSnapshot, urls: RequestUrls, with_logs: bool, warning: str = "") -> dict[str, Any]:

@@ -36,7 +36,7 @@ class FalAdapter:
         settings = FalSettings(RequestLimits.of(config), config.max_image_bytes, config.result_ttl_seconds,
                                config.api_key, config.public_url,
                                "" if app.engine.info.trained else UNTRAINED_WARNING)
-        asgi = FalApi(app.jobs, self.uploads, settings, app.metrics).asgi()
+        asgi = FalApi(app.jobs, app.prompts, self.uploads, settings, app.metrics).asgi()
         self._config = uvicorn.Config(asgi, log_config=None, access_log=False, lifespan="off", ws="none",
                                       server_header=False, ssl_certfile=config.tls_cert or None,
                                       ssl_keyfile=config.tls_key or None)

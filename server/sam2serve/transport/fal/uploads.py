@@ -5,6 +5,7 @@ Authorization header) and sends the file URL it was given in place of the Blob. 
 `<base>/fal/uploads/<token>`: the token is issued to an authenticated caller, accepts one PUT, and a request
 whose image_url names it reads the bytes from this store instead of fetching a URL. Kept in Redis when the
 queue is (any replica may take the PUT or the request), else in this process; either way for the result TTL.
+fal-ai/sam2/image's output pictures (without sync_mode) are kept in the same store, under the same rules.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from urllib.parse import urlsplit
 from ...errors import QueueUnavailable
 
 UPLOAD_PATH = "/fal/uploads/"
-_TOKEN = re.compile(r"^/fal/uploads/([A-Za-z0-9_-]{22,64})$")
+# an upload, or an output picture of fal-ai/sam2/image kept here (its file name after the token)
+_TOKEN = re.compile(r"^/fal/uploads/([A-Za-z0-9_-]{22,64})(?:/[A-Za-z0-9_.-]+)?$")
 
 
 class Uploads(Protocol):
@@ -30,6 +32,14 @@ class Uploads(Protocol):
         ...
     async def get(self, token: str) -> bytes | None: ...
     async def close(self) -> None: ...
+
+
+async def keep(uploads: Uploads, data: bytes) -> str:
+    """Store `data` under a new token (as an issued upload filled at once); the token."""
+    token = await uploads.issue()
+    if not await uploads.put(token, data):
+        raise RuntimeError("a token issued a moment ago took no data")
+    return token
 
 
 def token_of(url: str) -> str | None:

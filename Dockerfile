@@ -89,8 +89,11 @@ RUN set -eu; \
     rm -rf /wheels; \
     python -c "import importlib.util, sys; sys.exit('torch in the server image' if importlib.util.find_spec('torch') else 0)"; \
     python -c "import sam2serve.v1.sam2serve_pb2_grpc, sam2serve.transport.server"
-# The chart mounts the engines (read-only) at /engines and sets SAM2SERVE_ENGINES=/engines/<model>.
-ENV SAM2SERVE_ENGINES=/engines/sam2.1_hiera_tiny SAM2SERVE_PORT=50051 SAM2SERVE_METRICS_PORT=9090
+# The chart mounts the engines (read-only) at /engines and sets SAM2SERVE_ENGINES=/engines/<model>. Metrics
+# listen on every interface of the container (the server alone defaults to loopback): publishing the port is
+# the choice, as the chart does for pods.
+ENV SAM2SERVE_ENGINES=/engines/sam2.1_hiera_tiny SAM2SERVE_PORT=50051 SAM2SERVE_METRICS_PORT=9090 \
+    SAM2SERVE_METRICS_HOST=0.0.0.0
 WORKDIR /tmp
 USER 10001:10001
 # gRPC (with grpc.health.v1), Prometheus /metrics, and fal's HTTP API when SAM2SERVE_HTTP_PORT=8080 is set

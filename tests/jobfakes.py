@@ -43,5 +43,9 @@ class OneStage:
         return self.work(request, control)
 
 
-def service(store: JobStore, work: Work, workers: int = 1) -> JobService:
-    return JobService(store, Worker(store, OneStage(work), workers=workers))
+def service(store: JobStore, work: Work, workers: int = 1, time_limit_s: float = 0.0) -> JobService:
+    return JobService(store, Worker(store, OneStage(work), workers=workers, time_limit_s=time_limit_s))
+
+
+def url_request(url: str = "https://example.com/slow.png") -> SegmentRequest:
+    return SegmentRequest("url", url, GeneratorParams())

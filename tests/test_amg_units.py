@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_export_tools
-from sam2serve.amg.grids import build_all_layer_point_grids, generate_crop_boxes
+from sam2serve.amg.grids import build_all_layer_point_grids, decoder_prompts, generate_crop_boxes
 from sam2serve.amg.masks import (
     component_areas,
     fill_holes_and_remove_sprinkles,
@@ -35,6 +35,23 @@ def test_point_grids_match():
         assert len(ours) == len(ref)
         for a, b in zip(ours, ref, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("n", "layers", "scale"), [(32, 0, 1), (64, 3, 1), (16, 2, 2), (5, 2, 2), (1, 0, 4)])
+@pytest.mark.parametrize("m2m", [False, True])
+def test_decoder_prompts_count_what_metas_generator_decodes(n, layers, scale, m2m):
+    """The work cap's measure: Meta's grids over Meta's crops; with use_m2m each of a prompt's candidates
+    (3 with multimask_output) is decoded once more (refine_with_m2m)."""
+    from sam2.utils import amg
+
+    from sam2serve.amg.params import GeneratorParams
+
+    grids = amg.build_all_layer_point_grids(n, layers, scale)
+    _, layer_of_crop = amg.generate_crop_boxes((480, 640), layers, 512 / 1500)
+    prompts = sum(len(grids[layer]) for layer in layer_of_crop)
+    params = GeneratorParams(points_per_side=n, crop_n_layers=layers, crop_n_points_downscale_factor=scale,
+                             use_m2m=m2m)
+    assert decoder_prompts(params) == prompts * (4 if m2m else 1)
 
 
 @pytest.mark.parametrize("hw", [(1200, 1800), (480, 640), (1000, 333), (64, 64)])

@@ -320,7 +320,8 @@ def test_cpu_default(rendered):
     assert kinds(objects) == {"ConfigMap", "Deployment", "Service", "ServiceAccount", "PodDisruptionBudget"}
     config = objects[("ConfigMap", FULLNAME)]["data"]
     assert config == {"SAM2SERVE_ENGINES": "/engines/sam2.1_hiera_tiny", "SAM2SERVE_PORT": "50051",
-                      "SAM2SERVE_METRICS_PORT": "9090", "SAM2SERVE_DRAIN_SECONDS": "30"}
+                      "SAM2SERVE_METRICS_PORT": "9090", "SAM2SERVE_METRICS_HOST": "0.0.0.0",
+                      "SAM2SERVE_DRAIN_SECONDS": "30"}
     dep = deployment(objects)
     assert dep["spec"]["replicas"] == 1
     spec = pod_spec(objects)

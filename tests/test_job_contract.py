@@ -16,7 +16,15 @@ import pytest
 
 from conftest import needs_redis
 from jobfakes import outcome, request, service
-from sam2serve.errors import InvalidInput, JobCancelled, JobNotFinished, JobNotFound, QueueFull, ShuttingDown
+from sam2serve.errors import (
+    InvalidInput,
+    JobCancelled,
+    JobNotFinished,
+    JobNotFound,
+    JobTimedOut,
+    QueueFull,
+    ShuttingDown,
+)
 from sam2serve.grpc_status import status_for
 from sam2serve.jobs import CancelOutcome, JobFinished, JobSnapshot, JobState, JobStore
 from sam2serve.jobs.memory import MemoryJobStore
@@ -125,6 +133,23 @@ def test_the_queue_bound(make_store):
         await store.add(request())  # room again
 
     scenario(make_store, body, queue_size=2)
+
+
+def test_the_byte_budget_of_waiting_images(make_store):
+    """What waiting jobs hold of their images is bounded (in Redis: all replicas together), so a full queue
+    of large images cannot exhaust memory; the job that runs no longer counts."""
+
+    async def body(store: JobStore, events: list[JobFinished]) -> None:
+        await store.add(request())  # b"image": 5 bytes
+        await store.add(request())
+        with pytest.raises(QueueFull, match=r"the queue holds 10 bytes of images and this request's 5 bytes "
+                                            r"would pass its budget of 12 bytes"):
+            await store.add(request())
+        assert status_for(QueueFull("x"))[0].name == "RESOURCE_EXHAUSTED"
+        await store.claim(1.0)
+        await store.add(request())  # room again
+
+    scenario(make_store, body, queue_bytes=12)
 
 
 def test_cancel_in_the_queue_and_in_progress(make_store):
@@ -304,6 +329,22 @@ def test_the_worker_completes_fails_and_cancels(make_store):
         await jobs.worker.close()
         assert [e.state for e in events] == [JobState.COMPLETED, JobState.FAILED, JobState.FAILED,
                                              JobState.CANCELLED]
+
+    scenario(make_store, body)
+
+
+def test_a_job_past_the_time_limit_stops_and_fails_with_deadline_exceeded(make_store):
+    async def body(store: JobStore, events: list[JobFinished]) -> None:
+        jobs = service(store, _UntilStopped(), time_limit_s=0.5)  # ~100 s of batches without the limit
+        jobs.worker.start()
+        job = await jobs.submit(request())
+        final = await asyncio.wait_for(jobs.wait(job.id), 60)
+        assert final.state is JobState.FAILED and isinstance(final.error, JobTimedOut) and final.progress < 0.5
+        code, message = status_for(final.error)
+        assert code.name == "DEADLINE_EXCEEDED" and "time limit of 0.5 s per job" in message
+        assert [e.state for e in events] == [JobState.FAILED]
+        assert await jobs.drain(30)
+        await jobs.worker.close()
 
     scenario(make_store, body)
 

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -22,9 +23,12 @@ from sam2serve.config import ServerConfig
 pytestmark = needs_export_tools
 
 
+TOKEN = "scrape-s3cret"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_engine):
-    s = ServerThread(ServerConfig(queue_size=4), tiny_engine)
+    s = ServerThread(ServerConfig(queue_size=4, metrics_token=TOKEN), tiny_engine)
     s.stub.AutoSegment(quick_request(), timeout=120)
     with pytest.raises(grpc.RpcError):
         s.stub.AutoSegment(quick_request(points_per_side=0), timeout=30)
@@ -32,9 +36,39 @@ def server(tiny_engine):
     s.stop()
 
 
-def scrape(server: ServerThread) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.running.metrics_port}/metrics", timeout=10) as r:
+def scrape(server: ServerThread, token: str | None = TOKEN) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.running.metrics_port}/metrics")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=10) as r:
         return r.read().decode()
+
+
+def test_metrics_need_the_token_when_one_is_set(server):
+    for token in (None, "wrong", TOKEN + "x"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            scrape(server, token)
+        assert refused.value.code == 401
+    assert "sam2serve_build_info" in scrape(server)
+
+
+def test_metrics_listen_on_this_host_only_unless_told(tiny_engine):
+    """gRPC on every interface does not put the metrics there too: build info, model and counters stay on
+    loopback unless metrics_host says otherwise (the chart sets 0.0.0.0 for Prometheus)."""
+    import asyncio
+
+    from sam2serve.app import start_server
+
+    async def bound() -> list[str]:
+        addresses = []
+        for config in (ServerConfig(host="0.0.0.0", port=0, metrics_port=0),
+                       ServerConfig(host="0.0.0.0", port=0, metrics_port=0, metrics_host="0.0.0.0")):
+            running = await start_server(config, tiny_engine)
+            addresses.append(running._metrics_http.server_address[0])
+            await running.shutdown()
+        return addresses
+
+    assert asyncio.run(bound()) == ["127.0.0.1", "0.0.0.0"]
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:
@@ -81,7 +115,8 @@ def test_a_real_prometheus_scrapes_and_answers_promql(server, tmp_path):
         pytest.skip("prometheus (Debian package prometheus) is not installed")
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [
-        {"job_name": "sam2serve", "static_configs": [{"targets": [f"127.0.0.1:{server.running.metrics_port}"]}]}]}))
+        {"job_name": "sam2serve", "authorization": {"credentials": TOKEN},
+         "static_configs": [{"targets": [f"127.0.0.1:{server.running.metrics_port}"]}]}]}))
     port = _free_port()
     proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'data'}",
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,

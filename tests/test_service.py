@@ -45,6 +45,7 @@ def test_get_info_flags_untrained_weights(server):
     assert (d.points_per_side, round(d.pred_iou_thresh, 2), round(d.stability_score_thresh, 2),
             d.min_mask_region_area) == (32, 0.88, 0.95, 100)
     assert info.limits.queue_size == 2 and info.limits.max_points_per_side == 64
+    assert info.limits.max_decoder_prompts == 20480 and info.limits.job_time_limit_seconds == 1800
 
 
 def test_auto_segment_returns_pictures_and_metadata(server):
@@ -124,6 +125,20 @@ def test_cancel_in_queue_and_in_progress_and_queue_full(server):
     _assert_serving(server)
 
 
+def test_images_over_the_cap_are_refused_at_submit_or_not_received(server):
+    """16 × 60 MiB image_bytes used to be accepted and held by the queue until each job failed; now an image
+    over the cap (20 MiB) is INVALID_ARGUMENT at Submit, and a message larger than the cap allows in any form
+    is not received (RESOURCE_EXHAUSTED from gRPC)."""
+    with pytest.raises(grpc.RpcError) as over:
+        server.stub.Submit(quick_request(image_bytes=b"\x89PNG" * (21 << 18)), timeout=30)
+    assert over.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image_bytes is 21 MiB, over the limit of 20 MiB" in over.value.details()
+    with pytest.raises(grpc.RpcError) as huge:
+        server.stub.Submit(quick_request(image_bytes=b"\x89PNG" * (30 << 18)), timeout=30)
+    assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, huge.value.details()
+    _assert_serving(server)
+
+
 def test_deadline_cancels_the_work(server):
     with pytest.raises(grpc.RpcError) as late:
         server.stub.AutoSegment(slow_request(), timeout=4)
@@ -157,6 +172,15 @@ def test_finished_job_cannot_be_cancelled_and_unknown_ids(server):
     with pytest.raises(grpc.RpcError) as watch:
         list(server.stub.WatchStatus(pb.StatusRequest(request_id="nope"), timeout=10))
     assert watch.value.code() == grpc.StatusCode.NOT_FOUND
+    huge = "x" * 100_000  # echoed in full, its status trailer passed the client's 16 KB limit: RESOURCE_EXHAUSTED
+    for call, message in ((server.stub.GetStatus, pb.StatusRequest(request_id=huge)),
+                          (server.stub.GetResult, pb.ResultRequest(request_id=huge)),
+                          (server.stub.Cancel, pb.CancelRequest(request_id=huge)),
+                          (lambda m, timeout: list(server.stub.WatchStatus(m, timeout=timeout)),
+                           pb.StatusRequest(request_id=huge))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(message, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND and len(info.value.details()) < 200
 
 
 BAD_INPUTS = [
@@ -166,6 +190,11 @@ BAD_INPUTS = [
     (quick_request(pred_iou_thresh=float("nan")), "pred_iou_thresh must be a finite number"),
     (quick_request(stability_score_thresh=1.5), "stability_score_thresh must be between 0"),
     (quick_request(crop_n_layers=9), "crop_n_layers must be between 0 and 3"),
+    (quick_request(points_per_side=1, crop_n_layers=1, crop_n_points_downscale_factor=2),
+     "crop layer 1 would have no points"),
+    (quick_request(points_per_side=3, crop_n_layers=2, crop_n_points_downscale_factor=2),
+     "crop layer 2 would have no points"),
+    (quick_request(points_per_side=64, crop_n_layers=3, use_m2m=True), "asks for 1,392,640 decoder prompts"),
     (quick_request(min_mask_region_area=-1), "min_mask_region_area must be between"),
     (quick_request(max_masks=-2), "max_masks must be 0 or more"),
     (quick_request(image_bytes=b"definitely not an image"), "image_bytes is not a supported image"),
@@ -196,6 +225,23 @@ def test_bad_inputs_are_invalid_argument_and_the_server_stays_up(server, request
         with pytest.raises(grpc.RpcError) as result:
             server.stub.GetResult(pb.ResultRequest(request_id=request_id), timeout=10)
         assert result.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in result.value.details()
+    _assert_serving(server)
+
+
+@pytest.mark.parametrize(("method", "streaming", "message_type"), [
+    ("GetInfo", False, "sam2serve.v1.GetInfoRequest"), ("Submit", False, "sam2serve.v1.AutoSegmentRequest"),
+    ("WatchStatus", True, "sam2serve.v1.StatusRequest"), ("Subscribe", True, "sam2serve.v1.AutoSegmentRequest")])
+def test_undecodable_requests_are_invalid_argument_naming_the_message(server, method, streaming, message_type):
+    """Bytes that are not the method's protobuf message: gRPC's default was UNKNOWN naming a Python class."""
+    path = f"/sam2serve.v1.AutoSegmentService/{method}"
+    call = (server.channel.unary_stream if streaming else server.channel.unary_unary)(path)
+    for garbage in (b"\xff\xff\xff\xff\x0f", b"\x0a\xff\xff\xff\xff\x7f"):  # bad varint; length past the end
+        with pytest.raises(grpc.RpcError) as info:
+            reply = call(garbage, timeout=10)
+            if streaming:
+                list(reply)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert info.value.details() == f"the request is not a valid {message_type} message (protobuf wire format)"
     _assert_serving(server)
 
 

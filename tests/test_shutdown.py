@@ -77,3 +77,33 @@ def test_sigterm_drains_in_flight_and_queued_work(tiny_engine_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_an_expiring_drain_cancels_the_work_and_exits_0(tiny_engine_dir):
+    """Before, a drain that ran out of time dropped the running job with the process and exited 1; now its
+    caller sees CANCELLED and the exit is an orderly 0."""
+    env = {**os.environ, "SAM2SERVE_ENGINES": str(tiny_engine_dir), "SAM2SERVE_PORT": "0",
+           "SAM2SERVE_HOST": "127.0.0.1", "SAM2SERVE_DRAIN_SECONDS": "1", "SAM2SERVE_METRICS_PORT": "-1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sam2serve.cli", "serve"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+                break
+        assert port, "server did not start"
+        stub = pb_grpc.AutoSegmentServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        events = stub.Subscribe(quick_request(points_per_side=64), timeout=300)  # minutes of work
+        for event in events:  # in the decoder batches, where a running job stops when cancelled
+            if event.status.state == pb.RequestStatus.IN_PROGRESS and event.status.progress > 0:
+                break
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as ended:
+            list(events)
+        assert ended.value.code() == grpc.StatusCode.CANCELLED and "was cancelled" in ended.value.details()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -58,9 +58,12 @@ def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None])
         from .jobs.redis import RedisJobStore
 
         return RedisJobStore(config.redis_url, queue_size=config.queue_size, result_ttl_s=config.result_ttl_seconds,
-                             prefix=config.redis_prefix, on_finished=on_finished)
+                             prefix=config.redis_prefix, on_finished=on_finished,
+                             queue_bytes=config.queue_image_bytes)
     return MemoryJobStore(queue_size=config.queue_size, result_ttl_s=config.result_ttl_seconds,
-                          result_store_bytes=config.result_store_bytes, on_finished=on_finished)
+                          result_store_bytes=config.result_store_bytes, result_store_jobs=config.result_store_jobs,
+                          on_finished=on_finished,
+                          queue_bytes=config.queue_image_bytes)
 
 
 def make_prompts(config: ServerConfig, engine: Engine, metrics: Metrics) -> PromptWorkers:
@@ -86,18 +89,20 @@ def notify_all(listeners: Sequence[Callable[[JobFinished], None]]) -> Callable[[
     return notify
 
 
-async def create_app(config: ServerConfig, engine: Engine | None = None) -> App:
+async def create_app(config: ServerConfig, engine: Engine | None = None, metrics: Metrics | None = None) -> App:
     """Load (or take) the engines and start the job layer."""
     if engine is None:
         engine = await load_engine(config)
     limits = config.input_limits()
-    metrics = create_metrics()
+    metrics = metrics or create_metrics()
     from .transport.fal.schema import webhook_body as fal_webhook_body
 
     webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body})  # fal's body for requests fal's clients made
     store = make_store(config, notify_all([lambda event: observe_job(metrics, event), webhooks]))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
-    jobs = JobService(store, Worker(store, pipeline, workers=config.workers))
+    worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds,
+                    fetchers=config.url_fetchers)
+    jobs = JobService(store, worker, config.admission_limits(), max_streams=config.max_status_streams)
     await jobs.start()
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
@@ -145,31 +150,47 @@ class RunningServer:
         """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
         await self.set_serving(False)
         self.app.prompts.accepting = False
-        drained = await self.app.jobs.drain(self.config.drain_seconds)
+        drained = await self.app.jobs.drain(self.config.drain_seconds, self.config.drain_results_seconds)
         if not drained:
-            log.warning("drain period of %.0f s ended with jobs unfinished", self.config.drain_seconds)
+            log.warning("drain period of %.0f s ended with jobs unfinished; they were cancelled",
+                        self.config.drain_seconds)
         for adapter in self.adapters:
             await adapter.stop(grace_s=5.0)
         await self.app.jobs.close()
         self.app.prompts.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         return drained
 
 
 async def start_server(config: ServerConfig, engine: Engine | None = None) -> RunningServer:
-    """The app and its adapters, serving on config.host:config.port (metrics on config.metrics_port)."""
+    """The app and its adapters, serving on config.host:config.port (metrics on config.metrics_host:
+    config.metrics_port). The metrics port is taken first, so that a port in use fails before the engines
+    load; StartupError says what to change."""
     from .transport.server import GrpcAdapter
 
-    app = await create_app(config, engine)
-    adapters: list[Adapter] = [GrpcAdapter(app)]
-    if config.http_port >= 0:
-        from .transport.fal.serve import FalAdapter
+    metrics = create_metrics()
+    http = (serve_metrics(metrics, config.metrics_host, config.metrics_port, config.metrics_token)[0]
+            if config.metrics_port >= 0 else None)
+    try:
+        app = await create_app(config, engine, metrics)
+        try:
+            adapters: list[Adapter] = [GrpcAdapter(app)]
+            if config.http_port >= 0:
+                from .transport.fal.serve import FalAdapter
 
-        adapters.append(FalAdapter(app))
-    running = RunningServer(app, adapters)
-    if config.metrics_port >= 0:
-        http, _ = serve_metrics(app.metrics, config.host, config.metrics_port)
+                adapters.append(FalAdapter(app))
+            running = RunningServer(app, adapters)
+        except BaseException:
+            await app.jobs.close()
+            raise
+    except BaseException:
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+        raise
+    if http is not None:
         running._metrics_http, running.metrics_port = http, http.server_port
     await running.set_serving(False)
     for adapter in running.adapters:
@@ -191,5 +212,5 @@ async def serve_forever(config: ServerConfig) -> int:
           + (f", metrics on :{running.metrics_port}/metrics" if running.metrics_port else ""), flush=True)
     await stop.wait()
     log.info("shutting down: draining for up to %.0f s", config.drain_seconds)
-    drained = await running.shutdown()
-    return 0 if drained else 1
+    await running.shutdown()
+    return 0  # an expired drain cancelled what was left (and logged it): still an orderly stop

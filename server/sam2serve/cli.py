@@ -67,13 +67,14 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import serve_forever
     from .config import config_from
     from .engines import ManifestError
+    from .errors import QueueUnavailable, StartupError
 
     config = config_from(args)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"sam2serve config: {config.describe()}", flush=True)
     try:
         return asyncio.run(serve_forever(config))
-    except ManifestError as e:
+    except (ManifestError, StartupError, QueueUnavailable) as e:  # what to change, without a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

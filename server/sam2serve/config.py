@@ -8,7 +8,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .limits import InputLimits
+from .limits import DEFAULT_MAX_DECODER_PROMPTS, AdmissionLimits, InputLimits
+
+SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
+
+SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
 
 
 @dataclass(frozen=True)
@@ -17,20 +21,30 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int = 9090  # -1 disables the metrics endpoint; 0 picks a free port
+    # The metrics endpoint's address: this host only unless set (a pod's Prometheus needs 0.0.0.0; the chart
+    # sets it), and, when metrics_token is set, only for `Authorization: Bearer <metrics_token>`.
+    metrics_host: str = "127.0.0.1"
+    metrics_token: str = ""
     http_port: int = -1  # fal's HTTP API (queue, synchronous run, status streams); -1 disables it, 0: a free port
     public_url: str = ""  # base of the URLs the HTTP API hands out, behind a load balancer ("": the URL called)
     workers: int = 1  # jobs run at once (each uses every core through ONNX Runtime)
+    url_fetchers: int = 4  # image_url downloads at once, apart from the workers; 0: a worker fetches its own
     queue_size: int = 32  # jobs waiting; beyond that RESOURCE_EXHAUSTED
+    queue_image_bytes: int = 256 * 1024 * 1024  # images held by waiting jobs (all replicas, with Redis); 0: none
     backend: str = "onnx"  # onnx (ONNX Runtime) or tensorrt (plans built by `sam2serve export trt`)
     providers: str = ""  # comma-separated onnxruntime providers; empty: best available
     threads: int = 0  # onnxruntime intra-op threads; 0: all cores
     max_decoder_batch: int = 8  # prompts per decoder run; ≈ 80 MB each in ORT on CPU
     max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_rpcs: int = 8192  # calls in progress at once (gRPC); beyond that RESOURCE_EXHAUSTED
+    max_status_streams: int = 4096  # WatchStatus / Subscribe streams open at once; beyond that RESOURCE_EXHAUSTED
     result_ttl_seconds: float = 600.0
     result_store_bytes: int = 512 * 1024 * 1024  # in-process queue only; Redis has its own maxmemory
+    result_store_jobs: int = 10_000  # finished jobs kept, in-process queue only; the oldest go first
     redis_url: str = ""  # redis://[:password@]host:port/db: a queue shared by every replica; empty: in-process
     redis_prefix: str = "sam2serve:"  # key prefix, so that several deployments can share one Redis
     drain_seconds: float = 30.0
+    drain_results_seconds: float = 10.0  # in-process queue: after the drain's last job, results stay fetchable
     api_key: str = ""  # empty: no authentication
     tls_cert: str = ""
     tls_key: str = ""
@@ -40,6 +54,10 @@ class ServerConfig:
     max_prompt_points: int = 64
     max_prompt_boxes: int = 16  # each box is one more prompt set in the decoder batch
     max_crop_n_layers: int = 3
+    # The work one request may ask for (decoder prompts: grid × crops, more with use_m2m), refused at Submit,
+    # and the time one job may run (then FAILED, DEADLINE_EXCEEDED); 0 for no time limit.
+    max_decoder_prompts: int = DEFAULT_MAX_DECODER_PROMPTS
+    job_time_limit_seconds: float = 1800.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     allow_private_urls: bool = False
@@ -49,8 +67,11 @@ class ServerConfig:
         return InputLimits(max_image_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
                            allow_private_networks=self.allow_private_urls)
 
+    def admission_limits(self) -> AdmissionLimits:
+        return AdmissionLimits(max_decoder_prompts=self.max_decoder_prompts, max_image_bytes=self.max_image_bytes)
+
     def describe(self) -> str:
-        shown = {k: ("***" if k == "api_key" and v else str(v)) for k, v in asdict(self).items()}
+        shown = {k: ("***" if k in SECRETS and v else str(v)) for k, v in asdict(self).items()}
         shown["redis_url"] = without_password(self.redis_url)
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 

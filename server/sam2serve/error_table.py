@@ -25,6 +25,7 @@ TABLE: dict[type[errors.Sam2ServeError], ErrorCode] = {
     errors.ImageTooLarge: ErrorCode(S.INVALID_ARGUMENT, 422, "image_too_large", "invalid_argument"),
     errors.ImageFetchError: ErrorCode(S.INVALID_ARGUMENT, 422, "file_download_error", "invalid_argument"),
     errors.QueueFull: ErrorCode(S.RESOURCE_EXHAUSTED, 429, "queue_full", "queue_full"),
+    errors.Overloaded: ErrorCode(S.RESOURCE_EXHAUSTED, 429, "overloaded", "overloaded"),
     errors.ResultTooLarge: ErrorCode(S.RESOURCE_EXHAUSTED, 413, "result_too_large", "result_too_large"),
     errors.JobNotFound: ErrorCode(S.NOT_FOUND, 404, "not_found"),
     errors.EmbeddingNotFound: ErrorCode(S.NOT_FOUND, 404, "embedding_not_found"),
@@ -32,6 +33,7 @@ TABLE: dict[type[errors.Sam2ServeError], ErrorCode] = {
     # 499 is what gRPC-to-HTTP gateways answer for CANCELLED, and fal's type for a cancelled request.
     errors.JobCancelled: ErrorCode(S.CANCELLED, 499, "client_cancelled"),
     errors.JobFailed: ErrorCode(S.INTERNAL, 500, "internal_error"),
+    errors.JobTimedOut: ErrorCode(S.DEADLINE_EXCEEDED, 504, "job_timeout"),
     errors.Unauthenticated: ErrorCode(S.UNAUTHENTICATED, 401, "unauthorized", "unauthenticated"),
     errors.ShuttingDown: ErrorCode(S.UNAVAILABLE, 503, "shutting_down", "shutting_down"),
     errors.QueueUnavailable: ErrorCode(S.UNAVAILABLE, 503, "queue_unavailable"),

@@ -32,7 +32,12 @@ class ImageFetchError(InvalidInput):
     """image_url could not be fetched: blocked address, bad scheme, HTTP error, timeout, too big."""
 
 
-class QueueFull(Sam2ServeError):
+class Overloaded(Sam2ServeError):
+    """Backpressure: the server is at one of its capacity bounds (queue, image budget, open streams); retry
+    later."""
+
+
+class QueueFull(Overloaded):
     """Backpressure: the queue is at capacity; retry later."""
 
 
@@ -56,6 +61,10 @@ class JobFailed(Sam2ServeError):
     """The job ran and failed; the message says why."""
 
 
+class JobTimedOut(Sam2ServeError):
+    """The job ran past the server's time limit per job and was stopped."""
+
+
 class ResultTooLarge(Sam2ServeError):
     """The response would exceed the message size limit; ask for fewer or smaller outputs."""
 
@@ -70,3 +79,8 @@ class QueueUnavailable(Sam2ServeError):
 
 class ShuttingDown(Sam2ServeError):
     """The server is draining and accepts no new work."""
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (a port in use, an unreachable store); the message says what to
+    change. Not a caller's error: it never reaches a protocol."""

@@ -44,6 +44,24 @@ class InputLimits:
         object.__setattr__(self, "allow_hosts", tuple(self.allow_hosts))
 
 
+DEFAULT_MAX_DECODER_PROMPTS = 64 * 64 * 5  # a 64-point grid over the image and one crop layer
+
+
+@dataclass(frozen=True)
+class AdmissionLimits:
+    """Checked at submission, whatever the protocol.
+
+    - ``max_decoder_prompts``: the work one request may ask for, as `decoder_prompts` counts it (grid × crops,
+      × (1 + candidates per prompt) with use_m2m). Within the parameter ranges a request could otherwise ask
+      for 1.4 million prompts: about 20 hours of one CPU worker.
+    - ``max_image_bytes``: the image cap (`InputLimits.max_image_bytes`), judged from the request's value
+      before the request is queued, so that a queue of too-large images is never held.
+    """
+
+    max_decoder_prompts: int = DEFAULT_MAX_DECODER_PROMPTS
+    max_image_bytes: int = 20 * MiB
+
+
 def describe_bytes(n: int) -> str:
     """'20 MiB', '1.5 MiB', '300 KiB' or '12 bytes', for error messages."""
     for unit, size in (("GiB", 1024**3), ("MiB", MiB), ("KiB", 1024)):

@@ -3,15 +3,18 @@ follow Prometheus conventions, and no label carries an unbounded value such as a
 
 from __future__ import annotations
 
+import hmac
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
-from wsgiref.simple_server import WSGIServer
+from socketserver import ThreadingMixIn
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
 
 from .domain import STAGES
+from .errors import StartupError
 from .jobs import JobFinished, JobState
 
 # From sub-10 ms GPU stages to multi-minute CPU jobs.
@@ -77,9 +80,37 @@ def describe_server(metrics: Metrics, version: str, model: str, weights: str, un
         metrics.stage_seconds.labels(stage)
 
 
-def serve_metrics(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
-    """Serve /metrics over HTTP; port 0 picks a free port (server.server_port)."""
-    return start_http_server(port, addr=host, registry=metrics.registry)
+class _QuietThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int, token: str = "") -> tuple[WSGIServer, threading.Thread]:
+    """Serve /metrics over HTTP (port 0 picks a free port: server.server_port), to callers that send
+    `Authorization: Bearer <token>` when a token is set. StartupError when the port cannot be had."""
+    exposition = make_wsgi_app(metrics.registry)
+    expected = f"Bearer {token}".encode()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        given = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if token and not hmac.compare_digest(given, expected):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                ("WWW-Authenticate", 'Bearer realm="sam2serve metrics"')])
+            return [b"metrics need 'Authorization: Bearer <metrics token>'\n"]
+        return cast("Iterable[bytes]", exposition(environ, start_response))
+
+    try:
+        server = make_server(host, port, app, _QuietThreadingServer, handler_class=_QuietHandler)
+    except OSError as e:
+        raise StartupError(f"cannot serve metrics on {host}:{port} ({e.strerror or e}); choose another port with "
+                           "--metrics-port / SAM2SERVE_METRICS_PORT, or -1 for none") from None
+    thread = threading.Thread(target=server.serve_forever, name="sam2serve-metrics", daemon=True)
+    thread.start()
+    return server, thread
 
 
 def observe_job(metrics: Metrics, event: JobFinished) -> None:

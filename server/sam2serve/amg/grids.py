@@ -7,9 +7,13 @@ from itertools import product
 
 import numpy as np
 
+from .params import GeneratorParams
+
 
 def build_point_grid(n_per_side: int) -> np.ndarray:
     """Cell centres of an n×n grid over [0, 1]², x varying fastest: [n*n, 2] float64."""
+    if n_per_side < 1:
+        raise ValueError(f"a point grid needs at least 1 point per side, got {n_per_side}")
     offset = 1 / (2 * n_per_side)
     side = np.linspace(offset, 1 - offset, n_per_side)
     xs = np.tile(side[None, :], (n_per_side, 1))
@@ -17,8 +21,31 @@ def build_point_grid(n_per_side: int) -> np.ndarray:
     return np.stack([xs, ys], axis=-1).reshape(-1, 2)
 
 
+def layer_points_per_side(n_per_side: int, n_layers: int, scale_per_layer: int) -> list[int]:
+    """Points per side of each crop layer's grid, as Meta computes them: int(n / scale**layer)."""
+    return [int(n_per_side / (scale_per_layer**i)) for i in range(n_layers + 1)]
+
+
 def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> list[np.ndarray]:
-    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
+    return [build_point_grid(n) for n in layer_points_per_side(n_per_side, n_layers, scale_per_layer)]
+
+
+def crops_in_layer(layer: int) -> int:
+    """Crop boxes of a layer: the whole image for layer 0, then (2**layer)² overlapping crops."""
+    return 4**layer
+
+
+def decoder_prompts(params: GeneratorParams) -> int:
+    """Prompts the decoder runs for one image: each layer's grid times its crops, and with use_m2m one more
+    run per candidate mask (3 per prompt with multimask_output, else 1). The work a request asks for."""
+    if params.point_grids is not None:
+        per_layer = [len(grid) for grid in params.point_grids]
+    else:
+        assert params.points_per_side is not None
+        per_layer = [n * n for n in layer_points_per_side(params.points_per_side, params.crop_n_layers,
+                                                           params.crop_n_points_downscale_factor)]
+    prompts = sum(per_layer[layer] * crops_in_layer(layer) for layer in range(params.crop_n_layers + 1))
+    return prompts * (1 + (3 if params.multimask_output else 1)) if params.use_m2m else prompts
 
 
 def generate_crop_boxes(im_size: tuple[int, int], n_layers: int,

@@ -12,18 +12,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sam2serve.errors import ImageTooLarge, InvalidInput
-from sam2serve.inputs.datauri import parse_data_uri
+from sam2serve.errors import ImageFetchError, ImageTooLarge, InvalidInput
+from sam2serve.inputs.datauri import check_data_uri_size, parse_data_uri
 from sam2serve.inputs.decode import decode, decode_image, sniff_format, to_rgb
 from sam2serve.inputs.fetch import fetch_url
 from sam2serve.limits import InputLimits, describe_bytes
-from sam2serve.outbound import address_refusal, blocked_reason
+from sam2serve.outbound import MAX_URL_LENGTH, address_refusal, blocked_reason
 
 __all__ = [
     "InputLimits",
     "LoadedImage",
     "address_refusal",
     "blocked_reason",
+    "check_encoded_size",
     "decode_image",
     "fetch_url",
     "load_image",
@@ -46,6 +47,20 @@ class LoadedImage:
     format: str  # "JPEG", "PNG", "WEBP", "BMP" or "TIFF", sniffed from the bytes
     width: int  # of rgb, i.e. after EXIF orientation
     height: int
+
+
+def check_encoded_size(kind: str, value: str | bytes, max_bytes: int) -> None:
+    """The byte cap, judged from the request's value alone (no fetching, no decoding): image_bytes by their
+    length, a data URI by its base64 length, an image_url by its length (MAX_URL_LENGTH). What a server checks
+    before it keeps a request; `load_image` checks the bytes it gets again."""
+    if kind == "bytes":
+        if len(value) > max_bytes:
+            raise ImageTooLarge(f"image_bytes is {describe_bytes(len(value))}, over the limit of "
+                                f"{describe_bytes(max_bytes)}")
+    elif kind == "data_uri" and isinstance(value, str):
+        check_data_uri_size(value, max_bytes)
+    elif kind == "url" and len(value) > MAX_URL_LENGTH:
+        raise ImageFetchError(f"image_url is longer than {MAX_URL_LENGTH} characters")
 
 
 def load_image(source_kind: str | None, value: str | bytes, limits: InputLimits) -> LoadedImage:
@@ -73,9 +88,7 @@ def load_image(source_kind: str | None, value: str | bytes, limits: InputLimits)
         if not isinstance(value, bytes | bytearray | memoryview):
             raise TypeError(f"{field} must be bytes, got {type(value).__name__}")
         data = bytes(value)
-        if len(data) > limits.max_image_bytes:
-            raise ImageTooLarge(f"{field} is {describe_bytes(len(data))}, over the limit of "
-                                f"{describe_bytes(limits.max_image_bytes)}")
+        check_encoded_size("bytes", data, limits.max_image_bytes)
     decoded = decode(data, limits, field)
     height, width = decoded.rgb.shape[:2]
     return LoadedImage(decoded.rgb, kind, len(data), decoded.format, width, height)

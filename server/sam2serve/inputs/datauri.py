@@ -25,6 +25,29 @@ def decoded_size_upper_bound(payload_len: int) -> int:
     return (payload_len + 3) // 4 * 3
 
 
+def _payload_start(uri: str) -> int:
+    """Where the header of `uri` ends (its ','); InvalidInput when it has none within _MAX_HEADER."""
+    if uri[:5].lower() != "data:":
+        raise InvalidInput(f"{FIELD} must start with 'data:' (got {_preview(uri, 16)}); "
+                           f"send data:image/png;base64,<base64 data>")
+    comma = uri.find(",", 5, 5 + _MAX_HEADER + 1)
+    if comma < 0:
+        raise InvalidInput(f"{FIELD} has no ',' between its media type and its data "
+                           f"(expected data:image/png;base64,<base64 data>)")
+    return comma
+
+
+def check_data_uri_size(uri: str, max_bytes: int) -> None:
+    """ImageTooLarge if the payload of `uri` decodes to more than `max_bytes`, judged from its length alone
+    (no decoding): what a server checks before it keeps the request."""
+    comma = _payload_start(uri)
+    payload_len = len(uri) - comma - 1
+    estimate = decoded_size_upper_bound(payload_len) - uri[-2:].count("=") if payload_len else 0
+    if estimate > max_bytes:
+        raise ImageTooLarge(f"{FIELD} holds about {describe_bytes(estimate)}, over the limit of "
+                            f"{describe_bytes(max_bytes)}")
+
+
 def parse_data_uri(uri: str, max_bytes: int) -> bytes:
     """The decoded payload of a base64 data URI; InvalidInput / ImageTooLarge naming image_data_uri.
 
@@ -36,13 +59,7 @@ def parse_data_uri(uri: str, max_bytes: int) -> bytes:
         raise TypeError(f"{FIELD} must be a str, got {type(uri).__name__}")
     if not uri:
         raise InvalidInput(f"{FIELD} is empty")
-    if uri[:5].lower() != "data:":
-        raise InvalidInput(f"{FIELD} must start with 'data:' (got {_preview(uri, 16)}); "
-                           f"send data:image/png;base64,<base64 data>")
-    comma = uri.find(",", 5, 5 + _MAX_HEADER + 1)
-    if comma < 0:
-        raise InvalidInput(f"{FIELD} has no ',' between its media type and its data "
-                           f"(expected data:image/png;base64,<base64 data>)")
+    comma = _payload_start(uri)
     header, payload = uri[5:comma], uri[comma + 1:]
     parts = header.split(";")
     if parts[-1].lower() != "base64":
@@ -62,10 +79,7 @@ def parse_data_uri(uri: str, max_bytes: int) -> bytes:
             raise InvalidInput(f"{FIELD} has a malformed media type parameter {_preview(param)}")
     if not payload:
         raise InvalidInput(f"{FIELD} has no data after ','")
-    estimate = decoded_size_upper_bound(len(payload)) - payload[-2:].count("=")
-    if estimate > max_bytes:
-        raise ImageTooLarge(f"{FIELD} holds about {describe_bytes(estimate)}, over the limit of "
-                            f"{describe_bytes(max_bytes)}")
+    check_data_uri_size(uri, max_bytes)
     try:
         data = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError) as exc:

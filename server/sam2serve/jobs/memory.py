@@ -20,7 +20,10 @@ from .model import (
     JobState,
     check_transition,
     error_from,
+    image_size,
+    new_id,
     not_found,
+    queue_bytes_full,
     queue_full,
     raise_unless_completed,
     stored_error,
@@ -50,8 +53,12 @@ class MemoryJobStore:
     shared = False
 
     def __init__(self, queue_size: int = 32, result_ttl_s: float = 600.0,
-                 result_store_bytes: int = 512 * 1024 * 1024, on_finished: FinishedListener | None = None) -> None:
+                 result_store_bytes: int = 512 * 1024 * 1024, on_finished: FinishedListener | None = None,
+                 queue_bytes: int = 0, result_store_jobs: int = 10_000) -> None:
         self._queue_size, self._ttl, self._store_bytes = queue_size, result_ttl_s, result_store_bytes
+        self._store_jobs = result_store_jobs  # finished jobs kept; the oldest go first
+        self._stored_bytes = 0  # the results of the finished jobs kept, summed as they come and go
+        self._queue_bytes = queue_bytes  # images held by waiting jobs; 0: no budget
         self._on_finished = on_finished
         self._jobs: dict[str, _Job] = {}
         self._pending: collections.deque[_Job] = collections.deque()
@@ -69,7 +76,11 @@ class MemoryJobStore:
     async def add(self, request: SegmentRequest) -> JobSnapshot:
         if len(self._pending) >= self._queue_size:
             raise queue_full(self._queue_size)
-        job = _Job(id=uuid.uuid4().hex, request=request)
+        if self._queue_bytes:
+            held, size = sum(image_size(j.request) for j in self._pending), image_size(request)
+            if held + size > self._queue_bytes:
+                raise queue_bytes_full(held, size, self._queue_bytes)
+        job = _Job(id=new_id(), request=request)
         self._jobs[job.id] = job
         self._pending.append(job)
         self._touch(job)
@@ -113,6 +124,9 @@ class MemoryJobStore:
 
     def waiting(self) -> float:
         return len(self._pending)
+
+    def unfinished_here(self) -> list[str]:
+        return [job.id for job in self._jobs.values() if not job.state.terminal]
 
     # -- workers -----------------------------------------------------------------------------------------------
     async def claim(self, timeout_s: float) -> Claim | None:
@@ -206,6 +220,7 @@ class MemoryJobStore:
         job.outcome, job.result_bytes = outcome, outcome.stored_bytes() if outcome is not None else 0
         job.request = job.request.without_image()
         self._finished[job.id] = None
+        self._stored_bytes += job.result_bytes
         self._touch(job, *self._pending)  # queue positions moved
         if self._on_finished is not None:
             self._on_finished(JobFinished(job.id, state, job.request, job.submitted_at, job.started_at,
@@ -213,11 +228,14 @@ class MemoryJobStore:
         self._expire()
 
     def _expire(self) -> None:
-        now, stored = time.time(), sum(self._jobs[i].result_bytes for i in self._finished)
-        for job_id in list(self._finished):
-            job = self._jobs[job_id]
-            if now - (job.finished_at or now) <= self._ttl and stored <= self._store_bytes:
+        """Forget the oldest finished jobs while one is past its TTL or the kept ones pass the byte or count
+        bound; O(jobs forgotten), so no call pays for the table's size."""
+        now = time.time()
+        while self._finished:
+            job = self._jobs[next(iter(self._finished))]
+            if (now - (job.finished_at or now) <= self._ttl and self._stored_bytes <= self._store_bytes
+                    and len(self._finished) <= self._store_jobs):
                 break
-            stored -= job.result_bytes
-            del self._finished[job_id]
-            del self._jobs[job_id]
+            self._stored_bytes -= job.result_bytes
+            del self._finished[job.id]
+            del self._jobs[job.id]

@@ -4,10 +4,12 @@ views read from a store, the event a finished job emits, and the messages caller
 from __future__ import annotations
 
 import enum
+import uuid
 from dataclasses import dataclass
 
 from .. import errors
 from ..domain import SegmentOutcome, SegmentRequest
+from ..limits import describe_bytes
 
 
 class JobState(enum.Enum):
@@ -106,17 +108,51 @@ class JobFinished:
     outcome: SegmentOutcome | None = None
 
 
+# -- request ids ------------------------------------------------------------------------------------------
+ID_LENGTH = 32  # uuid4().hex: what every store issues
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_issued_id(job_id: str) -> bool:
+    """Whether `job_id` has the form of an id a store issues (anything else is unknown without a lookup)."""
+    return len(job_id) == ID_LENGTH and all(c in "0123456789abcdef" for c in job_id)
+
+
+def shown_id(job_id: str) -> str:
+    """An id as messages quote it: in full when it is one we issue, else cut short (a caller's 100 KB id must
+    not come back in an error, over the caller's own limit on status trailers)."""
+    if len(job_id) <= 2 * ID_LENGTH:
+        return repr(job_id)
+    return f"{job_id[:ID_LENGTH]!r}… ({len(job_id)} characters)"
+
+
 # -- messages: every store raises these, with these words ---------------------------------------------------
 def not_found(job_id: str) -> errors.JobNotFound:
-    return errors.JobNotFound(f"no request with id {job_id!r} (unknown, or its result expired)")
+    if not is_issued_id(job_id):
+        return errors.JobNotFound(f"no request with id {shown_id(job_id)}: request ids are {ID_LENGTH} "
+                                  "hexadecimal characters")
+    return errors.JobNotFound(f"no request with id {shown_id(job_id)} (unknown, or its result expired)")
 
 
 def result_expired(job_id: str) -> errors.JobNotFound:
-    return errors.JobNotFound(f"the result of request {job_id!r} expired")
+    return errors.JobNotFound(f"the result of request {shown_id(job_id)} expired")
 
 
 def queue_full(queue_size: int) -> errors.QueueFull:
     return errors.QueueFull(f"the queue is full ({queue_size} requests waiting); retry later")
+
+
+def queue_bytes_full(held: int, size: int, budget: int) -> errors.QueueFull:
+    return errors.QueueFull(f"the queue holds {describe_bytes(held)} of images and this request's "
+                            f"{describe_bytes(size)} would pass its budget of {describe_bytes(budget)}; retry later")
+
+
+def image_size(request: SegmentRequest) -> int:
+    """What a queued request holds of its image: the bytes or data URI as sent (a URL: its length)."""
+    return len(request.image_value)
 
 
 def shutting_down() -> errors.ShuttingDown:
@@ -132,10 +168,10 @@ def raise_unless_completed(job_id: str, state: JobState, error: BaseException | 
     if state is JobState.COMPLETED:
         return
     if state is JobState.CANCELLED:
-        raise errors.JobCancelled(f"request {job_id} was cancelled")
+        raise errors.JobCancelled(f"request {shown_id(job_id)} was cancelled")
     if state is JobState.FAILED:
         raise error if error is not None else RuntimeError(INTERNAL_ERROR)
-    raise errors.JobNotFinished(f"request {job_id} is {state.name}; its result is not ready")
+    raise errors.JobNotFinished(f"request {shown_id(job_id)} is {state.name}; its result is not ready")
 
 
 def stored_error(error: BaseException) -> tuple[str, str]:

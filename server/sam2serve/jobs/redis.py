@@ -65,8 +65,11 @@ from .model import (
     JobSnapshot,
     JobState,
     error_from,
+    image_size,
     lua_transitions,
+    new_id,
     not_found,
+    queue_bytes_full,
     queue_full,
     raise_unless_completed,
     result_expired,
@@ -82,9 +85,19 @@ UNFINISHED_TTL_S = 24 * 3600  # keys of a job nobody finishes (every replica gon
 SOCKET_SLACK_S = 10.0  # a socket's timeout beyond the longest blocking wait, so a half-open one fails
 
 _ALLOWED = f"local allowed = {lua_transitions()}\n"
+# KEYS: pending, job key prefix. ARGV: queue size, id, image byte budget (0: none), this image's bytes.
+# {1, length} queued; {-1} queue full; {-2, bytes held} the waiting jobs' images leave no room for this one.
 _PUSH_IF_ROOM = """
-if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return -1 end
-return redis.call('RPUSH', KEYS[1], ARGV[2])
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {-1} end
+local budget = tonumber(ARGV[3])
+if budget > 0 then
+  local held = 0
+  for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+    held = held + tonumber(redis.call('HGET', KEYS[2] .. id, 'image_bytes') or '0')
+  end
+  if held + tonumber(ARGV[4]) > budget then return {-2, held} end
+end
+return {1, redis.call('RPUSH', KEYS[1], ARGV[2])}
 """
 # KEYS: job, events. ARGV: claim token, now. 1 claimed; 0 cancelled before it started; -1 gone; -2 not queued.
 _CLAIM = _ALLOWED + """
@@ -199,8 +212,9 @@ class RedisJobStore:
 
     def __init__(self, url: str, queue_size: int = 32, result_ttl_s: float = 600.0, prefix: str = "sam2serve:",
                  on_finished: FinishedListener | None = None, heartbeat_s: float = 5.0, watch_poll_s: float = 5.0,
-                 max_connections: int = 1024, longest_wait_s: float = 1.0) -> None:
+                 max_connections: int = 1024, longest_wait_s: float = 1.0, queue_bytes: int = 0) -> None:
         self._url, self._queue_size, self._ttl = url, queue_size, max(1, int(result_ttl_s))
+        self._queue_bytes = queue_bytes  # images held by waiting jobs, all replicas together; 0: no budget
         self._prefix, self._on_finished = prefix, on_finished
         self._heartbeat_s, self._watch_poll_s = heartbeat_s, watch_poll_s
         self._lost_after_s = LOST_AFTER_BEATS * heartbeat_s
@@ -255,19 +269,22 @@ class RedisJobStore:
     # -- callers -----------------------------------------------------------------------------------------------
     @_redis_errors_unavailable
     async def add(self, request: SegmentRequest) -> JobSnapshot:
-        job_id, submitted_at = uuid.uuid4().hex, time.time()
+        job_id, submitted_at, size = new_id(), time.time(), image_size(request)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key("job", job_id), mapping={"state": JobState.IN_QUEUE.name, "version": 1,
                                                           "submitted_at": repr(submitted_at), "progress": 0,
-                                                          "attempts": 0})
+                                                          "attempts": 0, "image_bytes": size})
             pipe.set(self._key("request", job_id), jobcodec.encode(request))
             for kind in ("job", "request"):
                 pipe.expire(self._key(kind, job_id), UNFINISHED_TTL_S)
             await pipe.execute()
-        length = await self._push(keys=[self._key("pending")], args=[self._queue_size, job_id])
-        if length < 0:
+        pushed = await self._push(keys=[self._key("pending"), self._key("job", "")],
+                                  args=[self._queue_size, job_id, self._queue_bytes, size])
+        if pushed[0] < 0:
             await self._redis.delete(self._key("job", job_id), self._key("request", job_id))
-            raise queue_full(self._queue_size)
+            raise queue_full(self._queue_size) if pushed[0] == -1 else queue_bytes_full(pushed[1], size,
+                                                                                      self._queue_bytes)
+        length = pushed[1]
         return JobSnapshot(job_id, JobState.IN_QUEUE, length - 1, 0.0, (), None, submitted_at, None, None, 1)
 
     @_redis_errors_unavailable
@@ -349,6 +366,9 @@ class RedisJobStore:
         except redis.RedisError:
             log.warning("job queue: Redis unreachable for a metrics scrape; repeating the last queue depth")
         return self._last_share
+
+    def unfinished_here(self) -> list[str]:
+        return []  # every replica answers for every job
 
     # -- workers -----------------------------------------------------------------------------------------------
     @_redis_errors_unavailable

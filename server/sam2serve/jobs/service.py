@@ -5,20 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
+from ..admission import admit
 from ..domain import SegmentRequest
-from .model import CancelOutcome, JobResult, JobSnapshot, shutting_down
+from ..errors import Overloaded
+from ..limits import AdmissionLimits
+from .model import CancelOutcome, JobResult, JobSnapshot, JobState, is_issued_id, not_found, shutting_down
 from .store import JobStore
 from .worker import Worker
 
+CANCEL_WAIT_S = 5.0  # how long an expired drain waits for running jobs to stop at their next batch
+
 
 class JobService:
-    def __init__(self, store: JobStore, worker: Worker) -> None:
+    def __init__(self, store: JobStore, worker: Worker, limits: AdmissionLimits | None = None,
+                 max_streams: int = 0) -> None:
         self.store, self.worker = store, worker
+        self.limits = limits or AdmissionLimits()
+        self.max_streams = max_streams  # status streams open at once (watch); 0: no bound
+        self.streams = 0
         self._accepting = True
         self._stopping = False  # calls cut from here on leave their jobs to the replicas that run them
         self._waiting_calls = 0
+        self._unfetched: set[str] = set()  # while draining: jobs whose clients may still ask for the outcome
+        self._fetches_changed = asyncio.Event()
         self._calls_changed = asyncio.Condition()
 
     @property
@@ -34,14 +45,31 @@ class JobService:
     async def submit(self, request: SegmentRequest) -> JobSnapshot:
         if not self._accepting:
             raise shutting_down()
+        admit(request, self.limits)
         return await self.store.add(request)
 
     async def status(self, job_id: str) -> JobSnapshot:
-        return await self.store.snapshot(job_id)
+        snapshot = await self.store.snapshot(_issued(job_id))
+        if snapshot.state.terminal and snapshot.state is not JobState.COMPLETED:
+            self._fetched(job_id)  # a failure or cancellation is all there is to see
+        return snapshot
 
     def watch(self, job_id: str) -> AsyncIterator[JobSnapshot]:
-        """The current state, then every change, ending with a terminal state."""
-        return self.store.changes(job_id)
+        """The current state, then every change, ending with a terminal state; `Overloaded` (on the first
+        step) when max_streams are open already."""
+        return self._stream(self.store.changes(_issued(job_id)))
+
+    async def _stream(self, changes: AsyncGenerator[JobSnapshot, None]) -> AsyncGenerator[JobSnapshot, None]:
+        async with contextlib.aclosing(changes):
+            if self.max_streams and self.streams >= self.max_streams:
+                raise Overloaded(f"{self.max_streams} status streams are open on this server, its bound; "
+                                 "retry later or poll GetStatus")
+            self.streams += 1
+            try:
+                async for snapshot in changes:
+                    yield snapshot
+            finally:
+                self.streams -= 1
 
     async def wait(self, job_id: str) -> JobSnapshot:
         async with contextlib.aclosing(self.store.changes(job_id)) as snapshots:
@@ -51,10 +79,18 @@ class JobService:
         raise AssertionError("a job's changes end with a terminal state")
 
     async def result(self, job_id: str) -> JobResult:
-        return await self.store.result(job_id)
+        try:
+            return await self.store.result(_issued(job_id))
+        finally:
+            self._fetched(job_id)
+
+    def _fetched(self, job_id: str) -> None:
+        if job_id in self._unfetched:
+            self._unfetched.discard(job_id)
+            self._fetches_changed.set()
 
     async def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]:
-        return await self.store.cancel(job_id)
+        return await self.store.cancel(_issued(job_id))
 
     @contextlib.asynccontextmanager
     async def attached(self, request: SegmentRequest) -> AsyncIterator[JobSnapshot]:
@@ -81,16 +117,43 @@ class JobService:
         return self.store.waiting(), self.worker.running
 
     # -- stopping ------------------------------------------------------------------------------------------
-    async def drain(self, timeout_s: float) -> bool:
+    async def drain(self, timeout_s: float, results_grace_s: float = 0.0) -> bool:
         """Refuse new jobs; within `timeout_s`, let the worker finish its jobs (in-process: the queued ones
-        too), then let waiting calls whose jobs run elsewhere see them end. True if everything finished."""
+        too), then let waiting calls whose jobs run elsewhere see them end. True if everything finished.
+
+        Jobs only this process knows of (in-process queue) then stay answerable: for up to `results_grace_s`
+        (within `timeout_s`), until the outcome of each was asked for (GetResult, or a GetStatus that saw it
+        fail). If time runs out first they are cancelled, so their clients see CANCELLED, not a vanished
+        server."""
         self._accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        self._unfetched = set(self.store.unfinished_here())
         drained = await self.worker.drain(timeout_s)
         drained = await self._wait_for_waiting_calls(max(0.0, deadline - loop.time())) and drained
+        if drained:
+            await self._wait_for_fetches(min(results_grace_s, max(0.0, deadline - loop.time())))
+        else:
+            await self._cancel_unfinished_here()
         self._stopping = self.shared  # in-process jobs stop with the calls that wait on them
         return drained
+
+    async def _wait_for_fetches(self, timeout_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while self._unfetched:
+                    self._fetches_changed.clear()
+                    await self._fetches_changed.wait()
+
+    async def _cancel_unfinished_here(self) -> None:
+        """Cancel what the drain left: queued jobs at once, running ones at their next decoder batch (waited
+        for up to CANCEL_WAIT_S), so that their callers and watchers see CANCELLED before the server stops."""
+        unfinished = self.store.unfinished_here()
+        for job_id in unfinished:
+            await self.store.cancel(job_id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                await asyncio.gather(*(self.wait(job_id) for job_id in unfinished))
 
     async def close(self) -> None:
         self._accepting = False
@@ -114,3 +177,10 @@ class JobService:
             self._waiting_calls -= 1
             async with self._calls_changed:
                 self._calls_changed.notify_all()
+
+
+def _issued(job_id: str) -> str:
+    """`job_id`, if it has the form of an id a store issues; else NOT_FOUND without a lookup."""
+    if not is_issued_id(job_id):
+        raise not_found(job_id)
+    return job_id

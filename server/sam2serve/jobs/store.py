@@ -53,6 +53,11 @@ class JobStore(Protocol):
         """Jobs waiting, as this process's share (for metrics); safe to call from any thread."""
         ...
 
+    def unfinished_here(self) -> list[str]:
+        """Unfinished jobs whose state and result only this process holds (in-process: every unfinished
+        job; a shared store: none, other replicas answer for them)."""
+        ...
+
     # -- workers, on the event loop --------------------------------------------------------------------------
     async def claim(self, timeout_s: float) -> Claim | None:
         """The next queued job, now IN_PROGRESS and held by the returned claim; None when none came within

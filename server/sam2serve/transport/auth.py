@@ -8,6 +8,8 @@ from typing import Any
 
 import grpc
 
+from .handlers import rebuilt
+
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and discovery stay reachable
 MISSING_KEY = "missing or invalid API key: send 'Authorization: Key <key>' (or 'Bearer <key>')"
 
@@ -41,16 +43,16 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+    """UNAUTHENTICATED without reading the request: the handler is a request-streaming one that never asks
+    for a message, so a caller without a key cannot make the server receive (beyond HTTP/2's flow-control
+    window) or parse a message of up to max_message_bytes."""
     message = MISSING_KEY
 
-    async def unary(request: object, context: grpc.aio.ServicerContext) -> None:
+    async def unary(requests: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def stream(requests: object, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover
 
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer,
-                                                    handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+    return rebuilt(handler, stream if handler.response_streaming else unary, request_streaming=True)

@@ -66,7 +66,10 @@ def server_info(app: App) -> pb.ServerInfo:
                        queue_size=config.queue_size, workers=config.workers,
                        max_message_bytes=config.max_message_bytes, result_ttl_seconds=config.result_ttl_seconds,
                        max_prompt_points=config.max_prompt_points, max_prompt_boxes=config.max_prompt_boxes,
-                       embedding_cache_bytes=config.embedding_cache_mb * 1024 * 1024)
+                       embedding_cache_bytes=config.embedding_cache_mb * 1024 * 1024,
+                       max_decoder_prompts=config.max_decoder_prompts,
+                       job_time_limit_seconds=config.job_time_limit_seconds,
+                       queue_image_bytes=config.queue_image_bytes, max_status_streams=config.max_status_streams)
     return pb.ServerInfo(version=__version__, model=model, limits=limits, defaults=generator_defaults(fal_defaults()),
                          warning="" if engine.trained else UNTRAINED_WARNING)
 

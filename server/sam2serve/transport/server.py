@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..app import App
+from ..errors import StartupError
 from ..request_fields import RequestLimits
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
@@ -17,9 +18,18 @@ from .auth import ApiKeyInterceptor
 from .convert import server_info
 from .prompt_servicer import PromptSegmentServicer
 from .servicer import AutoSegmentServicer
+from .wire import UndecodableRequests
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AutoSegmentService"].full_name
 PROMPT_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PromptSegmentService"].full_name
+REQUEST_SLACK_BYTES = 64 * 1024  # a request's fields besides its image, and a data URI's header
+
+
+def receive_limit(max_message_bytes: int, max_image_bytes: int) -> int:
+    """The largest request gRPC receives: one carrying the largest image we accept, in its largest form (a
+    base64 data URI), never more than the message limit. Larger ones are refused by gRPC (RESOURCE_EXHAUSTED)
+    before they are parsed, so a 60 MiB message to a server with a 20 MiB image cap is never held as one."""
+    return min(max_message_bytes, -(-max_image_bytes // 3) * 4 + REQUEST_SLACK_BYTES)
 
 
 class GrpcAdapter:
@@ -32,10 +42,15 @@ class GrpcAdapter:
                                             app.metrics)
         self.prompt_servicer = PromptSegmentServicer(app.prompts, info.model, config.max_message_bytes, app.metrics)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.max_receive_message_length", config.max_message_bytes)]
-        interceptors = ([ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
-                        if config.api_key else [])
-        self.server = grpc.aio.server(options=options, interceptors=interceptors)
+                   ("grpc.max_receive_message_length", receive_limit(config.max_message_bytes,
+                                                                     config.max_image_bytes)),
+                   ("grpc.so_reuseport", 0)]  # a second server on a port in use fails instead of sharing it
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
+            if config.api_key else [])
+        interceptors.append(UndecodableRequests(app.metrics.rejected.labels("invalid_argument", "grpc").inc))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors,
+                                      maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
         pb_grpc.add_AutoSegmentServiceServicer_to_server(self.servicer, self.server)
         pb_grpc.add_PromptSegmentServiceServicer_to_server(self.prompt_servicer, self.server)
         self.health = health.aio.HealthServicer()
@@ -44,12 +59,16 @@ class GrpcAdapter:
             (SERVICE_NAME, PROMPT_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert and config.tls_key:
-            credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
-                                                        Path(config.tls_cert).read_bytes())])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert and config.tls_key:
+                credentials = grpc.ssl_server_credentials([(Path(config.tls_key).read_bytes(),
+                                                            Path(config.tls_cert).read_bytes())])
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # gRPC's "Failed to bind to address ..."
+            raise StartupError(f"cannot listen on {address} for gRPC (in use, or not an address of this host); "
+                               "choose another with --port / SAM2SERVE_PORT") from None
 
     async def start(self) -> None:
         await self.server.start()

@@ -1,0 +1,111 @@
+"""image_url downloads run in their own bounded stage: a hanging URL holds a fetch slot, never the compute
+worker, and a job in that stage stops (cancel, time limit) without waiting for its download."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from jobfakes import outcome, request, url_request
+from sam2serve.domain import JobControl, SegmentOutcome, SegmentRequest
+from sam2serve.errors import JobTimedOut
+from sam2serve.jobs import JobService, Worker
+from sam2serve.jobs.memory import MemoryJobStore
+from sam2serve.jobs.model import JobState
+
+HANG_S = 30.0  # what a test's hanging download waits at most (it is released before)
+
+
+class HangingUrls:
+    """A runner whose URL fetches hang until `release` is set; other images are fetched at once."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.fetching = threading.Event()
+        self.computed: list[str] = []
+
+    def fetch(self, request: SegmentRequest, control: JobControl) -> str:
+        if request.image_kind == "url":
+            self.fetching.set()
+            self.release.wait(HANG_S)
+        return request.image_kind
+
+    def compute(self, request: SegmentRequest, fetched: str, control: JobControl) -> SegmentOutcome:
+        self.computed.append(fetched)
+        return outcome()
+
+
+async def started(runner: HangingUrls) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, runner.fetching.wait, HANG_S)
+    assert runner.fetching.is_set()
+
+
+def run(body, *, fetchers: int = 2, time_limit_s: float = 0.0) -> None:
+    async def main() -> None:
+        runner = HangingUrls()
+        store = MemoryJobStore()
+        jobs = JobService(store, Worker(store, runner, workers=1, time_limit_s=time_limit_s, fetchers=fetchers))
+        await jobs.start()
+        try:
+            await body(jobs, runner)
+        finally:
+            runner.release.set()
+            await jobs.close()
+
+    asyncio.run(main())
+
+
+def test_a_hanging_url_does_not_hold_the_worker():
+    """Before, the download ran on the compute worker: a request behind a hanging URL waited 20.8 s."""
+
+    async def body(jobs: JobService, runner: HangingUrls) -> None:
+        slow = await jobs.submit(url_request())
+        await started(runner)
+        behind = await jobs.submit(request())
+        done = await asyncio.wait_for(jobs.wait(behind.id), 10)
+        assert done.state is JobState.COMPLETED and runner.computed == ["bytes"]
+        assert (await jobs.status(slow.id)).state is JobState.IN_PROGRESS  # still downloading
+        runner.release.set()
+        assert (await asyncio.wait_for(jobs.wait(slow.id), 10)).state is JobState.COMPLETED
+        assert runner.computed == ["bytes", "url"]
+
+    run(body)
+
+
+def test_a_job_in_the_fetch_stage_is_cancelled_without_waiting_for_its_download():
+    async def body(jobs: JobService, runner: HangingUrls) -> None:
+        slow = await jobs.submit(url_request())
+        await started(runner)
+        await jobs.cancel(slow.id)
+        assert (await asyncio.wait_for(jobs.wait(slow.id), 5)).state is JobState.CANCELLED
+        assert not runner.release.is_set() and runner.computed == []
+
+    run(body)
+
+
+def test_the_time_limit_covers_the_fetch_stage():
+    async def body(jobs: JobService, runner: HangingUrls) -> None:
+        slow = await jobs.submit(url_request())
+        failed = await asyncio.wait_for(jobs.wait(slow.id), 10)
+        assert failed.state is JobState.FAILED and isinstance(failed.error, JobTimedOut)
+        assert not runner.release.is_set()
+
+    run(body, time_limit_s=0.5)
+
+
+def test_the_fetch_stage_is_bounded():
+    """With one fetch slot taken by a hanging URL, a second URL job waits for it (claimed, not fetching)."""
+
+    async def body(jobs: JobService, runner: HangingUrls) -> None:
+        first = await jobs.submit(url_request())
+        await started(runner)
+        runner.fetching.clear()
+        second = await jobs.submit(url_request())
+        third = await jobs.submit(request())
+        assert not await asyncio.get_running_loop().run_in_executor(None, runner.fetching.wait, 0.5)
+        assert (await jobs.status(third.id)).state is JobState.IN_QUEUE  # the stage's bound holds the line
+        runner.release.set()
+        for job in (first, second, third):
+            assert (await asyncio.wait_for(jobs.wait(job.id), 10)).state is JobState.COMPLETED
+
+    run(body, fetchers=1)

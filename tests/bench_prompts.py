@@ -4,8 +4,8 @@ The first call sends the image (decode, encoder, decoder, pictures); then `--cli
 (a fixed seed) on its image_id, each only the decoder and the pictures. Prints the first call's cost, p50 /
 p90 / p99 / mean of the clicks, the server's own stage medians, and the machine's load around the run.
 
-    python scripts/bench_prompts.py IMAGE --engines engines/sam2.1_hiera_tiny   # starts `sam2serve serve`
-    python scripts/bench_prompts.py IMAGE --server 127.0.0.1:50051              # a running server
+    python tests/bench_prompts.py IMAGE --engines engines/sam2.1_hiera_tiny   # starts `sam2serve serve`
+    python tests/bench_prompts.py IMAGE --server 127.0.0.1:50051              # a running server
 """
 
 from __future__ import annotations

@@ -12,8 +12,6 @@ from .limits import DEFAULT_MAX_DECODER_PROMPTS, AdmissionLimits, InputLimits
 
 SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
 
-SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
-
 
 @dataclass(frozen=True)
 class ServerConfig:

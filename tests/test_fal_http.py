@@ -3,6 +3,7 @@ expiry), fal's error shapes for bad input, uploads, the proxy URL, and the metri
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 
@@ -129,6 +130,16 @@ def test_an_upload_takes_one_put_and_is_read_back(http, server):
     assert httpx.put(f"{server.http_base}/fal/uploads/{'x' * 32}", content=PNG).status_code == 404
     assert http.get(file_url).content == PNG and httpx.get(file_url).status_code == 401
     assert httpx.post(f"{server.http_base}/storage/upload/initiate", json={}).status_code == 401
+
+
+def test_a_put_to_an_unissued_token_is_refused_without_reading_its_body(server):
+    """The PUT is unauthenticated: a made-up token must not make the server read up to the image cap."""
+    port = int(server.http_base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(f"PUT /fal/uploads/{'x' * 32} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Length: {10 * 1024 * 1024}\r\n\r\n".encode())  # and no body follows
+        status_line = conn.makefile("rb").readline()  # a server waiting for the body times this out
+    assert status_line.startswith(b"HTTP/1.1 404"), status_line
 
 
 def test_the_proxy_url_serves_fal_urls_only(http):

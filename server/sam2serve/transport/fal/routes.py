@@ -60,6 +60,7 @@ TARGET_HEADER = "x-fal-target-url"
 _FAL_HOSTS = {"queue.fal.run": "/queue", "fal.run": "", "rest.fal.ai": ""}
 PING_S = 15.0  # SSE keep-alive comments, for proxies that close idle connections
 T = TypeVar("T")
+_NO_UPLOAD_EXPECTED = "no upload is expected at this URL (unknown or expired token, or already uploaded)"
 
 
 @dataclass(frozen=True)
@@ -228,9 +229,13 @@ class FalApi:
 
     @endpoint("PutUpload", public=True)  # the client PUTs without its key: the issued token is the permission
     async def put_upload(self, request: Request) -> Response:
+        token = request.path_params["token"]
+        # Unauthenticated: a made-up token is refused before its body is read (up to the image cap)
+        if not await self.uploads.expects(token):
+            raise JobNotFound(_NO_UPLOAD_EXPECTED)
         data = await _body(request, self.settings.max_image_bytes, "the upload")
-        if not await self.uploads.put(request.path_params["token"], data):
-            raise JobNotFound("no upload is expected at this URL (unknown or expired token, or already uploaded)")
+        if not await self.uploads.put(token, data):  # filled by a concurrent PUT, or expired meanwhile
+            raise JobNotFound(_NO_UPLOAD_EXPECTED)
         return JSONResponse({})
 
     @endpoint("GetUpload")

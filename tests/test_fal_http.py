@@ -142,6 +142,17 @@ def test_a_put_to_an_unissued_token_is_refused_without_reading_its_body(server):
     assert status_line.startswith(b"HTTP/1.1 404"), status_line
 
 
+def test_http_connections_are_bounded_by_max_concurrent_rpcs(tiny_engine):
+    s = ServerThread(ServerConfig(http_port=0, api_key=KEY, max_concurrent_rpcs=2), tiny_engine)
+    try:
+        with httpx.Client(base_url=s.http_base, headers={"Authorization": f"Key {KEY}"}, timeout=60) as first:
+            assert first.get(f"{QUEUE}/no-such-id/status").status_code == 404  # its connection stays open
+            assert httpx.get(f"{s.http_base}{QUEUE}/no-such-id/status", timeout=60).status_code == 503  # 2 open
+            assert first.get(f"{QUEUE}/no-such-id/status").status_code == 404
+    finally:
+        s.stop()
+
+
 def test_the_proxy_url_serves_fal_urls_only(http):
     request_id = submit(http, points_per_side=1)
     direct = http.get(f"{QUEUE}/{request_id}/status")

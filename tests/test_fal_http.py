@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import needs_export_tools
-from fal_harness import APP, KEY, PNG, QUICK, data_uri, sse_events
+from fal_harness import APP, KEY, PNG, QUICK, SLOW, data_uri, sse_events
 from grpc_harness import ServerThread
 from sam2serve.config import ServerConfig
 
@@ -149,6 +149,26 @@ def test_http_connections_are_bounded_by_max_concurrent_rpcs(tiny_engine):
             assert first.get(f"{QUEUE}/no-such-id/status").status_code == 404  # its connection stays open
             assert httpx.get(f"{s.http_base}{QUEUE}/no-such-id/status", timeout=60).status_code == 503  # 2 open
             assert first.get(f"{QUEUE}/no-such-id/status").status_code == 404
+    finally:
+        s.stop()
+
+
+def test_the_status_stream_answers_fals_errors_before_it_starts(tiny_engine):
+    """Errors of the stream's first step are fal's status codes, not a 200 and a cut connection."""
+    s = ServerThread(ServerConfig(http_port=0, api_key=KEY, max_status_streams=1), tiny_engine)
+    try:
+        with httpx.Client(base_url=s.http_base, headers={"Authorization": f"Key {KEY}"}, timeout=300) as http:
+            unknown = http.get(f"{QUEUE}/{'0' * 32}/status/stream")
+            assert unknown.status_code == 404 and unknown.json()["error_type"] == "not_found"
+            request_id = submit(http, **SLOW)
+            with http.stream("GET", f"{QUEUE}/{request_id}/status/stream") as first:
+                assert first.status_code == 200
+                lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+                assert next(lines).startswith("data:")  # open, and counted by the server
+                over = http.get(f"{QUEUE}/{request_id}/status/stream")
+                assert over.status_code == 429, over.text
+                assert over.json()["error_type"] == "overloaded" and "status streams" in over.json()["detail"]
+            http.put(f"{QUEUE}/{request_id}/cancel")
     finally:
         s.stop()
 

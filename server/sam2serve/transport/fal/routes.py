@@ -21,6 +21,7 @@ Requests are checked by sam2serve.request_fields and errors mapped by sam2serve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -141,15 +142,29 @@ class FalApi:
     async def stream(self, request: Request) -> Response:
         _app(request)
         job_id = request.path_params["request_id"]
-        await self.jobs.status(job_id)  # an unknown id is a 404, before the stream starts
+        snapshots = self.jobs.watch(job_id)
+        # The first step's errors (an unknown id, the bound on open streams, an unreachable queue) are fal's
+        # 404/429/503 here, before EventSourceResponse has sent its 200.
+        try:
+            first = await anext(snapshots)
+        except BaseException:
+            await snapshots.aclose()
+            raise
 
         async def events() -> AsyncIterator[dict[str, str]]:
             sent = 0  # as fal's stream: each event carries the log entries added since the previous one
-            async for snapshot in self.jobs.watch(job_id):
-                body = self._status(request, snapshot)
-                if body["logs"] is not None:
-                    body["logs"], sent = body["logs"][sent:], len(body["logs"])
-                yield {"data": json.dumps(body)}
+            snapshot: JobSnapshot | None = first
+            async with contextlib.aclosing(snapshots):
+                try:
+                    while snapshot is not None:
+                        body = self._status(request, snapshot)
+                        if body["logs"] is not None:
+                            body["logs"], sent = body["logs"][sent:], len(body["logs"])
+                        yield {"data": json.dumps(body)}
+                        snapshot = await anext(snapshots, None)
+                except Exception as e:  # after the 200: the stream ends with an event carrying fal's error
+                    status, error, _ = self.error_response(e)
+                    yield {"event": "error", "data": json.dumps({**error, "status_code": status})}
 
         return EventSourceResponse(events(), ping=PING_S, headers=_request_id(job_id))
 
@@ -252,13 +267,17 @@ class FalApi:
             raise Unauthenticated(MISSING_KEY)
 
     def failure(self, exc: Exception) -> Response:
+        status, body, headers = self.error_response(exc)
+        return JSONResponse(body, status, headers=headers)
+
+    def error_response(self, exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """fal's (status, body, headers) for `exc`, counted as a rejection and logged when it is internal."""
         code, _ = error_code(exc)
         if code.rejected:
             self.metrics.rejected.labels(code.rejected, PROTOCOL).inc()
         if code.http == 500:
             log.error("internal error in %s", type(exc).__name__, exc_info=exc)
-        status, body, headers = schema.error(exc)
-        return JSONResponse(body, status, headers=headers)
+        return schema.error(exc)
 
     async def _segment_request(self, request: Request) -> SegmentRequest:
         document = await self._document(request)

@@ -11,17 +11,18 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 # Real photos sit beside the checkout (../shared/images); SAM2SERVE_TEST_IMAGES points elsewhere (a worktree).
 SHARED_IMAGES = Path(os.environ.get("SAM2SERVE_TEST_IMAGES")
                      or Path(__file__).resolve().parents[2] / "shared" / "images")
-HAVE_EXPORT_TOOLS = all(importlib.util.find_spec(m) is not None for m in ("torch", "sam2", "onnx"))
-needs_export_tools = pytest.mark.skipif(
-    not HAVE_EXPORT_TOOLS, reason="needs the export extra (torch, Meta's sam2, onnx)"
-)
 IN_CI = os.environ.get("CI", "").lower() == "true"
+HAVE_EXPORT_TOOLS = all(importlib.util.find_spec(m) is not None for m in ("torch", "sam2", "onnx"))
+EXPORT_TOOLS = "the export extra (torch, Meta's sam2, onnx) is not installed"
+# CI installs the export extra, so there the tests run, and fail where it is missing, instead of skipping.
+needs_export_tools = pytest.mark.skipif(not HAVE_EXPORT_TOOLS and not IN_CI, reason=EXPORT_TOOLS)
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis = pytest.mark.skipif(REDIS_SERVER is None and not IN_CI, reason="redis-server is not installed "
                                  "(.ci/setup installs Debian's redis-server when run as root)")
@@ -29,10 +30,22 @@ TINY = "sam2.1_hiera_tiny"
 SEED = 0
 
 
-def require(available: bool, what: str) -> None:
-    """Skip a test whose tool is missing, except in CI (CI=true), which installs it: there it fails."""
-    if not available:
-        (pytest.fail if IN_CI else pytest.skip)(f"{what} is not installed (.ci/setup installs it)")
+def require(available: bool, reason: str) -> None:
+    """A tool CI installs is absent: skip, except in CI (`CI=true`), which installs it: there it fails."""
+    if available:
+        return
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: .ci/setup installs it, so its absence is an error)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_required(module: str, reason: str) -> Any:
+    """The module, imported; when it is absent, `require` decides (a skip, or a failure in CI)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        require(False, f"{reason}: {e}")
+        raise  # unreachable: require skipped or failed
 
 
 def shared_image(name: str) -> Path:
@@ -45,8 +58,7 @@ def shared_image(name: str) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory):
     """(engine dir, torch model) of an untrained sam2.1_hiera_tiny with seed 0."""
-    if not HAVE_EXPORT_TOOLS:
-        pytest.skip("needs the export extra (torch, Meta's sam2, onnx)")
+    require(HAVE_EXPORT_TOOLS, EXPORT_TOOLS)
     from sam2serve_export.build import build_engines
     from sam2serve_export.models import get_model_spec
     from sam2serve_export.weights import WeightsChoice
@@ -79,7 +91,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server on a unix socket (no port to collide with), without persistence."""
     import redis
 
-    require(REDIS_SERVER is not None, "redis-server (Debian's redis-server)")
+    require(REDIS_SERVER is not None, "redis-server (Debian's redis-server) is not installed")
     directory = tmp_path_factory.mktemp("redis")
     socket_path = directory / "redis.sock"
     process = subprocess.Popen([REDIS_SERVER, "--port", "0", "--unixsocket", str(socket_path), "--save", "",
@@ -99,13 +111,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process.wait(10)
 
 
-def missing_tool(reason: str) -> None:
-    """A tool CI installs is absent: fail in CI (`CI=true`), where it must be there; skip elsewhere."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} (CI=true: CI installs it, so its absence is an error)", pytrace=False)
-    pytest.skip(reason)
-
-
 @dataclass(frozen=True)
 class TlsFiles:
     ca: Path  # PEM of the throwaway certificate authority (SSL_CERT_FILE, NODE_EXTRA_CA_CERTS)
@@ -115,7 +120,7 @@ class TlsFiles:
 
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    trustme = pytest.importorskip("trustme") if not IN_CI else __import__("trustme")
+    trustme = import_required("trustme", "trustme is not installed (the dev extra)")
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1", "localhost")
     directory = tmp_path_factory.mktemp("tls")

@@ -26,7 +26,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import TINY, missing_tool, needs_export_tools
+from conftest import TINY, needs_export_tools, require
 from grpc_harness import quick_request
 from sam2serve.v1 import sam2serve_pb2 as pb
 from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
@@ -53,10 +53,8 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 def image(request: pytest.FixtureRequest) -> str:
     """Builds the base (once; cached by its recipe) and the server image, as CI and a developer would."""
     for tool in ("podman", "mmdebstrap"):
-        if shutil.which(tool) is None:
-            missing_tool(f"{tool} is not installed (.ci/setup installs it when run as root)")
-    if os.geteuid() != 0:
-        missing_tool("building and running the image needs root (rootful podman)")
+        require(shutil.which(tool) is not None, f"{tool} is not installed (.ci/setup installs it when run as root)")
+    require(os.geteuid() == 0, "building and running the image needs root (rootful podman)")
     result = subprocess.run(["bash", str(ROOT / ".ci" / "image")], env={**os.environ, "IMAGE": IMAGE},
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f".ci/image failed:\n{result.stdout}\n{result.stderr}"
@@ -74,7 +72,7 @@ def render_server(values: dict | None = None) -> dict:
         import helm_python
         import yaml
     except ImportError as e:
-        missing_tool(f"rendering the chart needs helm-python-sdk and PyYAML (the dev extra): {e}")
+        require(False, f"rendering the chart needs helm-python-sdk and PyYAML (the dev extra): {e}")
     with helm_python.Chart.load(ROOT / "helm" / "sam2serve") as chart:
         rendered = chart.render(values, name="demo", namespace="ml")
     objects = {(d["kind"], d["metadata"]["name"]): d for path, text in rendered.items()

@@ -12,10 +12,10 @@ import copy
 
 import pytest
 
-from conftest import needs_export_tools
+from conftest import EXPORT_TOOLS, import_required, needs_export_tools
 
 pytestmark = needs_export_tools
-torch = pytest.importorskip("torch")
+torch = import_required("torch", EXPORT_TOOLS)
 
 from sam2serve_export import factored as fd  # noqa: E402
 from sam2serve_export.checkpoint import build_untrained_decoder  # noqa: E402

@@ -3,6 +3,7 @@ expiry), fal's error shapes for bad input, uploads, the proxy URL, and the metri
 
 from __future__ import annotations
 
+import socket
 import time
 import urllib.request
 
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import needs_export_tools
-from fal_harness import APP, KEY, PNG, QUICK, data_uri, sse_events
+from fal_harness import APP, KEY, PNG, QUICK, SLOW, data_uri, sse_events
 from grpc_harness import ServerThread
 from sam2serve.config import ServerConfig
 
@@ -129,6 +130,47 @@ def test_an_upload_takes_one_put_and_is_read_back(http, server):
     assert httpx.put(f"{server.http_base}/fal/uploads/{'x' * 32}", content=PNG).status_code == 404
     assert http.get(file_url).content == PNG and httpx.get(file_url).status_code == 401
     assert httpx.post(f"{server.http_base}/storage/upload/initiate", json={}).status_code == 401
+
+
+def test_a_put_to_an_unissued_token_is_refused_without_reading_its_body(server):
+    """The PUT is unauthenticated: a made-up token must not make the server read up to the image cap."""
+    port = int(server.http_base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(f"PUT /fal/uploads/{'x' * 32} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     f"Content-Length: {10 * 1024 * 1024}\r\n\r\n".encode())  # and no body follows
+        status_line = conn.makefile("rb").readline()  # a server waiting for the body times this out
+    assert status_line.startswith(b"HTTP/1.1 404"), status_line
+
+
+def test_http_connections_are_bounded_by_max_concurrent_rpcs(tiny_engine):
+    s = ServerThread(ServerConfig(http_port=0, api_key=KEY, max_concurrent_rpcs=2), tiny_engine)
+    try:
+        with httpx.Client(base_url=s.http_base, headers={"Authorization": f"Key {KEY}"}, timeout=60) as first:
+            assert first.get(f"{QUEUE}/no-such-id/status").status_code == 404  # its connection stays open
+            assert httpx.get(f"{s.http_base}{QUEUE}/no-such-id/status", timeout=60).status_code == 503  # 2 open
+            assert first.get(f"{QUEUE}/no-such-id/status").status_code == 404
+    finally:
+        s.stop()
+
+
+def test_the_status_stream_answers_fals_errors_before_it_starts(tiny_engine):
+    """Errors of the stream's first step are fal's status codes, not a 200 and a cut connection."""
+    s = ServerThread(ServerConfig(http_port=0, api_key=KEY, max_status_streams=1), tiny_engine)
+    try:
+        with httpx.Client(base_url=s.http_base, headers={"Authorization": f"Key {KEY}"}, timeout=300) as http:
+            unknown = http.get(f"{QUEUE}/{'0' * 32}/status/stream")
+            assert unknown.status_code == 404 and unknown.json()["error_type"] == "not_found"
+            request_id = submit(http, **SLOW)
+            with http.stream("GET", f"{QUEUE}/{request_id}/status/stream") as first:
+                assert first.status_code == 200
+                lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+                assert next(lines).startswith("data:")  # open, and counted by the server
+                over = http.get(f"{QUEUE}/{request_id}/status/stream")
+                assert over.status_code == 429, over.text
+                assert over.json()["error_type"] == "overloaded" and "status streams" in over.json()["detail"]
+            http.put(f"{QUEUE}/{request_id}/cancel")
+    finally:
+        s.stop()
 
 
 def test_the_proxy_url_serves_fal_urls_only(http):

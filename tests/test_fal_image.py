@@ -11,13 +11,13 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import IN_CI, needs_export_tools
+from conftest import import_required, needs_export_tools
 from fal_harness import KEY, PNG, data_uri, deploy
 from grpc_harness import decode_png
 from sam2serve.v1 import sam2serve_pb2 as pb
 from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
 
-fal_client = pytest.importorskip("fal_client") if not IN_CI else __import__("fal_client")
+fal_client = import_required("fal_client", "fal-client is not installed (the dev extra)")
 from fal_client import FalClientHTTPError  # noqa: E402
 
 pytestmark = needs_export_tools

@@ -50,9 +50,9 @@ class JsRun:
 
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def js(request, tiny_engine, tls_files):
-    require(NODE is not None, "node")
+    require(NODE is not None, "node is not installed")
     require((SCRIPTS / "node_modules" / "@fal-ai" / "client" / "package.json").is_file(),
-            "@fal-ai/client (npm ci in tests/js)")
+            "@fal-ai/client is not installed (npm ci in tests/js)")
     redis_url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
     deployment = deploy(request.param, tiny_engine, tls_files, redis_url)
     webhooks = WebhookReceiver()

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import IN_CI, needs_export_tools
+from conftest import import_required, needs_export_tools
 from fal_harness import (
     APP,
     KEY,
@@ -26,7 +26,7 @@ from fal_harness import (
 )
 from httpfiles import FileHost
 
-fal_client = pytest.importorskip("fal_client") if not IN_CI else __import__("fal_client")
+fal_client = import_required("fal_client", "fal-client is not installed (the dev extra)")
 from fal_client import Completed, FalClientHTTPError, InProgress, Queued  # noqa: E402
 
 pytestmark = needs_export_tools

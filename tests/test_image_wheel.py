@@ -15,7 +15,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from conftest import missing_tool
+from conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]
 STUBS = {"sam2serve/v1/__init__.py", "sam2serve/v1/sam2serve_pb2.py", "sam2serve/v1/sam2serve_pb2_grpc.py"}
@@ -97,7 +97,7 @@ def test_wheel_from_the_build_stage_context_ships_the_grpc_stubs(tmp_path):
     try:
         import grpc_tools  # noqa: F401  setup.py's stub generator; the image build gets it from build-system
     except ImportError:
-        missing_tool("grpcio-tools is not installed (it is in the dev extra)")
+        require(False, "grpcio-tools is not installed (it is in the dev extra)")
     context = tmp_path / "context"
     build_context(context)
     wheels = tmp_path / "wheels"

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import needs_export_tools
+from conftest import needs_export_tools, require
 from grpc_harness import ServerThread, quick_request
 from sam2serve.config import ServerConfig
 
@@ -96,8 +96,8 @@ def test_series_after_real_calls(server):
 
 def test_promtool_accepts_the_exposition(server):
     promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool (Debian package prometheus) is not installed")
+    require(promtool is not None, "promtool (Debian package prometheus) is not installed")
+    assert promtool is not None
     result = subprocess.run([promtool, "check", "metrics"], input=scrape(server), capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -111,8 +111,8 @@ def _free_port() -> int:
 
 def test_a_real_prometheus_scrapes_and_answers_promql(server, tmp_path):
     binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("prometheus (Debian package prometheus) is not installed")
+    require(binary is not None, "prometheus (Debian package prometheus) is not installed")
+    assert binary is not None
     config = tmp_path / "prometheus.yml"
     config.write_text(json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": [
         {"job_name": "sam2serve", "authorization": {"credentials": TOKEN},

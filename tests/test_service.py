@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import needs_export_tools
+from conftest import needs_export_tools, require
 from grpc_harness import ServerThread, decode_png, png_bytes, quick_request, slow_request, wait_for_state
 from sam2serve.config import ServerConfig
 from sam2serve.images import synthetic_scene
@@ -280,8 +280,7 @@ def test_result_over_the_message_limit_is_a_clear_error(locked_server):
 
 def test_reflection_with_buf_curl(server, tmp_path: Path):
     buf = shutil.which("buf") or str(Path(__import__("sys").executable).parent / "buf")
-    if not Path(buf).exists():
-        pytest.skip("buf (PyPI buf-bin) is not installed")
+    require(Path(buf).exists(), "buf (PyPI buf-bin, the dev extra) is not installed")
     url = f"http://{server.address}/sam2serve.v1.AutoSegmentService/GetInfo"
     result = subprocess.run([buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--data", "{}", url],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)

@@ -12,8 +12,6 @@ from .limits import DEFAULT_MAX_DECODER_PROMPTS, AdmissionLimits, InputLimits
 
 SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
 
-SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -36,7 +34,7 @@ class ServerConfig:
     threads: int = 0  # onnxruntime intra-op threads; 0: all cores
     max_decoder_batch: int = 8  # prompts per decoder run; ≈ 80 MB each in ORT on CPU
     max_message_bytes: int = 64 * 1024 * 1024
-    max_concurrent_rpcs: int = 8192  # calls in progress at once (gRPC); beyond that RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 8192  # calls in progress (gRPC: RESOURCE_EXHAUSTED), HTTP connections (503)
     max_status_streams: int = 4096  # WatchStatus / Subscribe streams open at once; beyond that RESOURCE_EXHAUSTED
     result_ttl_seconds: float = 600.0
     result_store_bytes: int = 512 * 1024 * 1024  # in-process queue only; Redis has its own maxmemory

@@ -54,7 +54,7 @@ class JobService:
             self._fetched(job_id)  # a failure or cancellation is all there is to see
         return snapshot
 
-    def watch(self, job_id: str) -> AsyncIterator[JobSnapshot]:
+    def watch(self, job_id: str) -> AsyncGenerator[JobSnapshot, None]:
         """The current state, then every change, ending with a terminal state; `Overloaded` (on the first
         step) when max_streams are open already."""
         return self._stream(self.store.changes(_issued(job_id)))

@@ -21,6 +21,7 @@ Requests are checked by sam2serve.request_fields and errors mapped by sam2serve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -60,6 +61,7 @@ TARGET_HEADER = "x-fal-target-url"
 _FAL_HOSTS = {"queue.fal.run": "/queue", "fal.run": "", "rest.fal.ai": ""}
 PING_S = 15.0  # SSE keep-alive comments, for proxies that close idle connections
 T = TypeVar("T")
+_NO_UPLOAD_EXPECTED = "no upload is expected at this URL (unknown or expired token, or already uploaded)"
 
 
 @dataclass(frozen=True)
@@ -140,15 +142,29 @@ class FalApi:
     async def stream(self, request: Request) -> Response:
         _app(request)
         job_id = request.path_params["request_id"]
-        await self.jobs.status(job_id)  # an unknown id is a 404, before the stream starts
+        snapshots = self.jobs.watch(job_id)
+        # The first step's errors (an unknown id, the bound on open streams, an unreachable queue) are fal's
+        # 404/429/503 here, before EventSourceResponse has sent its 200.
+        try:
+            first = await anext(snapshots)
+        except BaseException:
+            await snapshots.aclose()
+            raise
 
         async def events() -> AsyncIterator[dict[str, str]]:
             sent = 0  # as fal's stream: each event carries the log entries added since the previous one
-            async for snapshot in self.jobs.watch(job_id):
-                body = self._status(request, snapshot)
-                if body["logs"] is not None:
-                    body["logs"], sent = body["logs"][sent:], len(body["logs"])
-                yield {"data": json.dumps(body)}
+            snapshot: JobSnapshot | None = first
+            async with contextlib.aclosing(snapshots):
+                try:
+                    while snapshot is not None:
+                        body = self._status(request, snapshot)
+                        if body["logs"] is not None:
+                            body["logs"], sent = body["logs"][sent:], len(body["logs"])
+                        yield {"data": json.dumps(body)}
+                        snapshot = await anext(snapshots, None)
+                except Exception as e:  # after the 200: the stream ends with an event carrying fal's error
+                    status, error, _ = self.error_response(e)
+                    yield {"event": "error", "data": json.dumps({**error, "status_code": status})}
 
         return EventSourceResponse(events(), ping=PING_S, headers=_request_id(job_id))
 
@@ -228,9 +244,13 @@ class FalApi:
 
     @endpoint("PutUpload", public=True)  # the client PUTs without its key: the issued token is the permission
     async def put_upload(self, request: Request) -> Response:
+        token = request.path_params["token"]
+        # Unauthenticated: a made-up token is refused before its body is read (up to the image cap)
+        if not await self.uploads.expects(token):
+            raise JobNotFound(_NO_UPLOAD_EXPECTED)
         data = await _body(request, self.settings.max_image_bytes, "the upload")
-        if not await self.uploads.put(request.path_params["token"], data):
-            raise JobNotFound("no upload is expected at this URL (unknown or expired token, or already uploaded)")
+        if not await self.uploads.put(token, data):  # filled by a concurrent PUT, or expired meanwhile
+            raise JobNotFound(_NO_UPLOAD_EXPECTED)
         return JSONResponse({})
 
     @endpoint("GetUpload")
@@ -247,13 +267,17 @@ class FalApi:
             raise Unauthenticated(MISSING_KEY)
 
     def failure(self, exc: Exception) -> Response:
+        status, body, headers = self.error_response(exc)
+        return JSONResponse(body, status, headers=headers)
+
+    def error_response(self, exc: Exception) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """fal's (status, body, headers) for `exc`, counted as a rejection and logged when it is internal."""
         code, _ = error_code(exc)
         if code.rejected:
             self.metrics.rejected.labels(code.rejected, PROTOCOL).inc()
         if code.http == 500:
             log.error("internal error in %s", type(exc).__name__, exc_info=exc)
-        status, body, headers = schema.error(exc)
-        return JSONResponse(body, status, headers=headers)
+        return schema.error(exc)
 
     async def _segment_request(self, request: Request) -> SegmentRequest:
         document = await self._document(request)

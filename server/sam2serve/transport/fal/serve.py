@@ -39,7 +39,10 @@ class FalAdapter:
         asgi = FalApi(app.jobs, app.prompts, self.uploads, settings, app.metrics).asgi()
         self._config = uvicorn.Config(asgi, log_config=None, access_log=False, lifespan="off", ws="none",
                                       server_header=False, ssl_certfile=config.tls_cert or None,
-                                      ssl_keyfile=config.tls_key or None)
+                                      ssl_keyfile=config.tls_key or None,
+                                      # gRPC's bound on calls in progress, here on connections (idle keep-alive
+                                      # ones too) and requests in progress: beyond it uvicorn answers 503
+                                      limit_concurrency=config.max_concurrent_rpcs or None)
         self._config.load()  # a bad certificate fails here, at startup
         # Listening from now on: calls made before uvicorn accepts them wait in the backlog.
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET

@@ -27,6 +27,9 @@ _TOKEN = re.compile(r"^/fal/uploads/([A-Za-z0-9_-]{22,64})(?:/[A-Za-z0-9_.-]+)?$
 
 class Uploads(Protocol):
     async def issue(self) -> str: ...
+    async def expects(self, token: str) -> bool:
+        """Whether `token` was issued and is still empty: a cheap check before a PUT's body is read."""
+        ...
     async def put(self, token: str, data: bytes) -> bool:
         """Store the bytes of an issued token not yet filled; False otherwise."""
         ...
@@ -61,6 +64,11 @@ class MemoryUploads:
         token = secrets.token_urlsafe(24)
         self._files[token] = (time.monotonic() + self._ttl, None)
         return token
+
+    async def expects(self, token: str) -> bool:
+        self._expire()
+        entry = self._files.get(token)
+        return entry is not None and entry[1] is None
 
     async def put(self, token: str, data: bytes) -> bool:
         self._expire()
@@ -99,6 +107,10 @@ class RedisUploads:
             await self._redis.set(self._prefix + token, b"", ex=self._ttl)
         return token
 
+    async def expects(self, token: str) -> bool:
+        async with _unavailable_on_redis_errors():
+            return bool(await self._redis.eval(_IS_EMPTY, 1, self._prefix + token))
+
     async def put(self, token: str, data: bytes) -> bool:
         # One PUT per token: only an issued, still empty key is filled (the script makes check and set atomic).
         async with _unavailable_on_redis_errors():
@@ -123,6 +135,9 @@ async def _unavailable_on_redis_errors() -> AsyncIterator[None]:
         raise QueueUnavailable(f"the upload store is unreachable; retry later ({type(e).__name__})") from None
 
 
+_IS_EMPTY = """
+return redis.call('EXISTS', KEYS[1]) == 1 and redis.call('STRLEN', KEYS[1]) == 0
+"""
 _FILL_IF_EMPTY = """
 if redis.call('STRLEN', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])

@@ -22,9 +22,10 @@ from .jobs.memory import MemoryJobStore
 from .metrics import Metrics, create_cache_metrics, create_metrics, describe_server, observe_job, serve_metrics
 from .pipeline import SegmentPipeline
 from .prompts import ByteBudgetLRU, PromptLimits, PromptSegmenter, PromptWorkers
-from .webhooks import Webhooks
+from .webhooks import WebhookMetrics, Webhooks
 
 log = logging.getLogger(__name__)
+WEBHOOK_FLUSH_S = 5.0  # at shutdown, webhooks in flight (and their retries) get this long to be delivered
 
 
 @dataclass
@@ -36,6 +37,7 @@ class App:
     jobs: JobService
     prompts: PromptWorkers
     metrics: Metrics
+    webhooks: Webhooks
 
     @property
     def manifest(self) -> Manifest:
@@ -97,7 +99,12 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     metrics = metrics or create_metrics()
     from .transport.fal.schema import webhook_body as fal_webhook_body
 
-    webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body})  # fal's body for requests fal's clients made
+    settings = config.webhook_settings()
+    if not settings.secret:
+        log.warning("webhooks are sent unsigned: set --webhook-secret or --webhook-secret-file (SAM2SERVE_WEBHOOK_"
+                    "SECRET[_FILE]) so that receivers can check they come from this server")
+    webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body},  # fal's body for requests fal's clients made
+                        settings=settings, metrics=WebhookMetrics(metrics.webhooks, metrics.webhook_retries))
     store = make_store(config, notify_all([lambda event: observe_job(metrics, event), webhooks]))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
     worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds,
@@ -107,7 +114,7 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
                     info.backend, ",".join(info.providers), jobs.depth)
-    return App(config, engine, jobs, make_prompts(config, engine, metrics), metrics)
+    return App(config, engine, jobs, make_prompts(config, engine, metrics), metrics, webhooks)
 
 
 class Adapter(Protocol):
@@ -157,6 +164,7 @@ class RunningServer:
         for adapter in self.adapters:
             await adapter.stop(grace_s=5.0)
         await self.app.jobs.close()
+        await self.app.webhooks.flush(WEBHOOK_FLUSH_S)
         self.app.prompts.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -6,11 +6,14 @@ import argparse
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .limits import DEFAULT_MAX_DECODER_PROMPTS, AdmissionLimits, InputLimits
 
-SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
+if TYPE_CHECKING:
+    from .webhooks import WebhookSettings
+
+SECRETS = ("api_key", "metrics_token", "webhook_secret")  # shown as *** when the configuration is printed
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,13 @@ class ServerConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     allow_private_urls: bool = False
+    # Webhooks: signed with HMAC-SHA256 under this secret (or the contents of webhook_secret_file; neither:
+    # unsigned, with a warning at startup); calls in all when the receiver is unreachable or answers 5xx/429,
+    # and the first wait between them (doubled each time, at most 60 s).
+    webhook_secret: str = ""
+    webhook_secret_file: str = ""
+    webhook_attempts: int = 4
+    webhook_backoff_seconds: float = 1.0
     log_level: str = "INFO"
 
     def input_limits(self) -> InputLimits:
@@ -66,7 +76,26 @@ class ServerConfig:
                            allow_private_networks=self.allow_private_urls)
 
     def admission_limits(self) -> AdmissionLimits:
-        return AdmissionLimits(max_decoder_prompts=self.max_decoder_prompts, max_image_bytes=self.max_image_bytes)
+        return AdmissionLimits(max_decoder_prompts=self.max_decoder_prompts, max_image_bytes=self.max_image_bytes,
+                               outbound=self.input_limits())
+
+    def webhook_settings(self) -> WebhookSettings:
+        """The webhook settings; StartupError when webhook_secret_file cannot be read or is empty."""
+        from .errors import StartupError
+        from .webhooks import WebhookSettings
+
+        secret = self.webhook_secret.encode()
+        if self.webhook_secret_file:
+            try:
+                secret = Path(self.webhook_secret_file).read_bytes().strip()
+            except OSError as e:
+                raise StartupError(f"webhook_secret_file {self.webhook_secret_file!r} cannot be read: "
+                                   f"{e.strerror}") from None
+            if not secret:
+                raise StartupError(f"webhook_secret_file {self.webhook_secret_file!r} is empty")
+        if self.webhook_attempts < 1 or self.webhook_backoff_seconds < 0:
+            raise StartupError("webhook_attempts must be at least 1 and webhook_backoff_seconds at least 0")
+        return WebhookSettings(secret=secret, attempts=self.webhook_attempts, backoff_s=self.webhook_backoff_seconds)
 
     def describe(self) -> str:
         shown = {k: ("***" if k in SECRETS and v else str(v)) for k, v in asdict(self).items()}

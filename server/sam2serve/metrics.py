@@ -38,6 +38,8 @@ class Metrics:
     jobs_in_progress: Gauge
     untrained: Gauge
     build: Info
+    webhooks: Counter
+    webhook_retries: Counter
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -66,6 +68,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         untrained=Gauge("sam2serve_untrained_weights", "1 when the served engines have untrained weights "
                         "(meaningless masks)", registry=r),
         build=Info("sam2serve_build", "Version, model, weights origin and execution provider", registry=r),
+        webhooks=Counter("sam2serve_webhooks", "Webhook deliveries by outcome: delivered, failed (retries spent, "
+                         "or refused by the receiver), refused (the address rules)", ["outcome"], registry=r),
+        webhook_retries=Counter("sam2serve_webhook_retries", "Webhook calls made again after a connection "
+                                "failure, a 5xx or a 429", registry=r),
     )
 
 

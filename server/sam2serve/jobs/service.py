@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from ..admission import admit
+from ..admission import admit, admit_webhook
 from ..domain import SegmentRequest
 from ..errors import Overloaded
 from ..limits import AdmissionLimits
@@ -46,6 +46,8 @@ class JobService:
         if not self._accepting:
             raise shutting_down()
         admit(request, self.limits)
+        if request.webhook_url:
+            await admit_webhook(request.webhook_url, self.limits)
         return await self.store.add(request)
 
     async def status(self, job_id: str) -> JobSnapshot:

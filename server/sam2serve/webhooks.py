@@ -86,7 +86,7 @@ class Webhooks:
         self._settings = settings or WebhookSettings()
         self._metrics = metrics
         self._loop = asyncio.get_running_loop()
-        self._deliveries: set[asyncio.Task[None]] = set()
+        self._deliveries: set[asyncio.Task[str]] = set()
 
     def __call__(self, event: JobFinished) -> None:
         if not event.request.webhook_url:

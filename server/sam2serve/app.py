@@ -19,9 +19,18 @@ from .config import ServerConfig
 from .engines import Engine, Manifest, open_engine
 from .jobs import JobFinished, JobService, JobStore, Worker
 from .jobs.memory import MemoryJobStore
-from .metrics import Metrics, create_cache_metrics, create_metrics, describe_server, observe_job, serve_metrics
+from .metrics import (
+    Metrics,
+    create_cache_metrics,
+    create_metrics,
+    describe_server,
+    enable_tenant_metrics,
+    observe_job,
+    serve_metrics,
+)
 from .pipeline import SegmentPipeline
 from .prompts import ByteBudgetLRU, PromptLimits, PromptSegmenter, PromptWorkers
+from .tenants import TenantLabels
 from .webhooks import WebhookMetrics, Webhooks
 
 log = logging.getLogger(__name__)
@@ -105,7 +114,11 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
                     "SECRET[_FILE]) so that receivers can check they come from this server")
     webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body},  # fal's body for requests fal's clients made
                         settings=settings, metrics=WebhookMetrics(metrics.webhooks, metrics.webhook_retries))
-    store = make_store(config, notify_all([lambda event: observe_job(metrics, event), webhooks]))
+    listeners: list[Callable[[JobFinished], None]] = [lambda event: observe_job(metrics, event), webhooks]
+    keys = config.keys()  # a malformed key entry stops the server here, before anything runs
+    if config.tenant_metrics > 0:
+        listeners.append(enable_tenant_metrics(metrics, TenantLabels(keys.tenants, config.tenant_metrics)))
+    store = make_store(config, notify_all(listeners))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
     worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds,
                     fetchers=config.url_fetchers)

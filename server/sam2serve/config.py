@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 from .limits import DEFAULT_MAX_DECODER_PROMPTS, AdmissionLimits, InputLimits
 
 if TYPE_CHECKING:
+    from .tenants import ApiKeys
     from .webhooks import WebhookSettings
 
-SECRETS = ("api_key", "metrics_token", "webhook_secret")  # shown as *** when the configuration is printed
+SECRETS = ("api_key", "api_keys", "metrics_token", "webhook_secret")  # shown as *** when the configuration is printed
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ class ServerConfig:
     redis_prefix: str = "sam2serve:"  # key prefix, so that several deployments can share one Redis
     drain_seconds: float = 30.0
     drain_results_seconds: float = 10.0  # in-process queue: after the drain's last job, results stay fetchable
-    api_key: str = ""  # empty: no authentication
+    api_key: str = ""  # a key of the default tenant; with api_keys and api_keys_file all empty: no authentication
+    api_keys: str = ""  # "tenant:key,tenant:key": keys of named tenants, each seeing only its own requests
+    api_keys_file: str = ""  # one tenant:key per line (# comments)
+    tenant_metrics: int = 0  # per-tenant job metrics for the first N tenants of the keys (the rest: 'other'); 0: off
     tls_cert: str = ""
     tls_key: str = ""
     max_points_per_side: int = 64
@@ -96,6 +100,12 @@ class ServerConfig:
         if self.webhook_attempts < 1 or self.webhook_backoff_seconds < 0:
             raise StartupError("webhook_attempts must be at least 1 and webhook_backoff_seconds at least 0")
         return WebhookSettings(secret=secret, attempts=self.webhook_attempts, backoff_s=self.webhook_backoff_seconds)
+
+    def keys(self) -> ApiKeys:
+        """The API keys and their tenants (`tenants`); StartupError for a malformed entry or file."""
+        from .tenants import api_keys
+
+        return api_keys(self.api_key, self.api_keys, self.api_keys_file)
 
     def describe(self) -> str:
         shown = {k: ("***" if k in SECRETS and v else str(v)) for k, v in asdict(self).items()}

@@ -40,6 +40,7 @@ class Metrics:
     build: Info
     webhooks: Counter
     webhook_retries: Counter
+    tenant_jobs: Counter | None = None  # with --tenant-metrics only (`enable_tenant_metrics`)
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -117,6 +118,15 @@ def serve_metrics(metrics: Metrics, host: str, port: int, token: str = "") -> tu
     thread = threading.Thread(target=server.serve_forever, name="sam2serve-metrics", daemon=True)
     thread.start()
     return server, thread
+
+
+def enable_tenant_metrics(metrics: Metrics, label: Callable[[str], str]) -> Callable[[JobFinished], None]:
+    """sam2serve_tenant_jobs_total{tenant,outcome}, and the `JobFinished` listener that counts it; `label` names a
+    tenant within a bounded set of values (`tenants.TenantLabels`)."""
+    counter = Counter("sam2serve_tenant_jobs", "Jobs ended, by tenant (the first --tenant-metrics tenants of the "
+                      "keys; the rest as 'other') and outcome", ["tenant", "outcome"], registry=metrics.registry)
+    metrics.tenant_jobs = counter
+    return lambda event: counter.labels(label(event.request.tenant), event.state.name.lower()).inc()
 
 
 def observe_job(metrics: Metrics, event: JobFinished) -> None:

@@ -151,13 +151,14 @@ def test_other_tenants_get_not_found_over_grpc_and_http(replicas):
     front, back = replicas
     by_grpc = front.stub.Submit(quick_request(), metadata=meta("alice-key"), timeout=30).request_id
     alice_http = httpx.Client(base_url=front.http_base, headers={"Authorization": "Key alice-key"}, timeout=120)
-    submitted = alice_http.post(f"/queue/{APP}", json={"image_url": data_uri(), **QUICK})
+    # a job that fails at once (its image does not decode): another tenant must not see its error either
+    submitted = alice_http.post(f"/queue/{APP}", json={"image_url": data_uri(b"not an image"), **QUICK})
     assert submitted.status_code == 200, submitted.text
     by_http = submitted.json()["request_id"]
-    for request_id in (by_grpc, by_http):
+    for request_id, state in ((by_grpc, State.COMPLETED), (by_http, State.FAILED)):
         final = list(back.stub.WatchStatus(pb.StatusRequest(request_id=request_id), metadata=meta("alice-key"),
                                            timeout=300))[-1]
-        assert final.state == State.COMPLETED
+        assert final.state == state
 
     calls = [(back.stub.GetStatus, pb.StatusRequest, False), (back.stub.WatchStatus, pb.StatusRequest, True),
              (back.stub.GetResult, pb.ResultRequest, False), (back.stub.Cancel, pb.CancelRequest, False)]
@@ -178,10 +179,13 @@ def test_other_tenants_get_not_found_over_grpc_and_http(replicas):
             assert response.status_code == 404 and response.json()["detail"] == unknown, (path, response.text)
 
     # alice still sees both, on either replica and either protocol; bob's cancels changed nothing
-    assert back.stub.GetResult(pb.ResultRequest(request_id=by_http), metadata=meta("alice-key"),
+    assert back.stub.GetResult(pb.ResultRequest(request_id=by_grpc), metadata=meta("alice-key"),
                                timeout=30).total_masks >= 1
     assert httpx.get(f"{back.http_base}/queue/fal-ai/sam2/requests/{by_grpc}/status",
                      headers={"Authorization": "Key alice-key"}).json()["status"] == "COMPLETED"
+    failed = httpx.get(f"{back.http_base}/queue/fal-ai/sam2/requests/{by_http}",
+                       headers={"Authorization": "Key alice-key"})
+    assert failed.status_code == 422 and "not a supported image" in failed.text
     with pytest.raises(grpc.RpcError) as wrong:
         back.stub.GetStatus(pb.StatusRequest(request_id=by_grpc), metadata=meta("nobody"), timeout=10)
     assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -196,14 +200,16 @@ def test_per_tenant_job_metrics_are_off_by_default_and_bounded(tiny_engine):
                                                                              "outcome": "completed"}) is None
     server = ServerThread(ServerConfig(api_keys=KEYS, tenant_metrics=1), tiny_engine)
     try:
-        for key in ("alice-key", "bob-key"):
-            server.stub.AutoSegment(quick_request(), metadata=meta(key), timeout=300)
+        for key in ("alice-key", "bob-key"):  # jobs that fail at once (no engine time): counted all the same
+            with pytest.raises(grpc.RpcError) as info:
+                server.stub.AutoSegment(quick_request(image_bytes=b"not an image"), metadata=meta(key), timeout=300)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         registry = server.running.app.metrics.registry
         assert registry.get_sample_value("sam2serve_tenant_jobs_total",
-                                         {"tenant": "alice", "outcome": "completed"}) == 1
+                                         {"tenant": "alice", "outcome": "failed"}) == 1
         assert registry.get_sample_value("sam2serve_tenant_jobs_total",
-                                         {"tenant": "other", "outcome": "completed"}) == 1
+                                         {"tenant": "other", "outcome": "failed"}) == 1
         assert registry.get_sample_value("sam2serve_tenant_jobs_total",
-                                         {"tenant": "bob", "outcome": "completed"}) is None
+                                         {"tenant": "bob", "outcome": "failed"}) is None
     finally:
         server.stop()

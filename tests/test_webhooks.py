@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import needs_redis
+from conftest import needs_export_tools, needs_redis
 from jobfakes import OneStage, outcome, request
 from sam2serve.jobs import JobService, JobState, JobStore, Worker
 from sam2serve.jobs.memory import MemoryJobStore
@@ -283,3 +283,46 @@ def test_a_stale_claim_s_finish_sends_no_webhook(redis_url, receiver):
 
     job_id = asyncio.run(main())
     assert receiver.ids() == [job_id]
+
+
+# -- the server's configuration --------------------------------------------------------------------------------
+def test_the_secret_comes_from_the_environment_or_a_file_and_bad_settings_stop_the_server(tmp_path):
+    from sam2serve.config import ServerConfig
+    from sam2serve.errors import StartupError
+
+    (tmp_path / "secret").write_text("from-a-file\n")
+    assert ServerConfig(webhook_secret="s").webhook_settings().secret == b"s"
+    assert ServerConfig(webhook_secret_file=str(tmp_path / "secret")).webhook_settings().secret == b"from-a-file"
+    assert ServerConfig().webhook_settings().secret == b""
+    (tmp_path / "empty").write_text("\n")
+    for bad, message in ((ServerConfig(webhook_secret_file=str(tmp_path / "empty")), "is empty"),
+                         (ServerConfig(webhook_secret_file=str(tmp_path / "absent")), "cannot be read"),
+                         (ServerConfig(webhook_attempts=0), "webhook_attempts must be at least 1")):
+        with pytest.raises(StartupError, match=message):
+            bad.webhook_settings()
+    assert "webhook_secret=***" in ServerConfig(webhook_secret="hush").describe()
+
+
+@needs_export_tools
+def test_a_server_signs_with_its_secret_file_and_warns_when_it_has_none(tiny_engine, tmp_path, caplog, receiver):
+    from grpc_harness import ServerThread, quick_request
+    from sam2serve.config import ServerConfig
+
+    verify = readme_verifier()
+    (tmp_path / "secret").write_bytes(SECRET + b"\n")
+    with caplog.at_level("WARNING", logger="sam2serve.app"):
+        unsigned = ServerThread(ServerConfig(), tiny_engine)
+        unsigned.stop()
+    assert "webhooks are sent unsigned" in caplog.text
+    caplog.clear()
+    server = ServerThread(ServerConfig(allow_private_urls=True, webhook_secret_file=str(tmp_path / "secret")),
+                          tiny_engine)  # the receiver listens on loopback
+    try:
+        assert "webhooks are sent unsigned" not in caplog.text
+        job_id = server.stub.Submit(quick_request(webhook_url=receiver.url), timeout=30).request_id
+        server.run(server.running.app.jobs.wait(job_id), timeout=300)
+        server.run(server.running.app.webhooks.flush(60))
+        [(headers, body)] = receiver.calls
+        assert json.loads(body) == {"request_id": job_id, "status": "COMPLETED"} and verify(SECRET, headers, body)
+    finally:
+        server.stop()

@@ -35,6 +35,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+
+from grpc_harness import png_bytes, quick_request
+from sam2serve.v1 import sam2serve_pb2 as pb
+from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
 from suite_common import (
     Checks,
     ServerProcess,
@@ -46,10 +50,6 @@ from suite_common import (
     table,
     wait_serving,
 )
-
-from grpc_harness import png_bytes, quick_request
-from sam2serve.v1 import sam2serve_pb2 as pb
-from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
 
 C = grpc.StatusCode
 INVALID, NOT_FOUND, EXHAUSTED = C.INVALID_ARGUMENT, C.NOT_FOUND, C.RESOURCE_EXHAUSTED

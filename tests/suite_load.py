@@ -26,6 +26,9 @@ import time
 from collections import Counter
 
 import grpc
+
+from grpc_harness import quick_request
+from sam2serve.v1 import sam2serve_pb2 as pb
 from suite_common import (
     BAD_CODES,
     Checks,
@@ -40,9 +43,6 @@ from suite_common import (
     table,
     wait_serving,
 )
-
-from grpc_harness import quick_request
-from sam2serve.v1 import sam2serve_pb2 as pb
 
 State = pb.RequestStatus
 

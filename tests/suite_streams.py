@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import threading
 import time
@@ -25,6 +26,10 @@ from collections import Counter
 from collections.abc import Callable
 
 import grpc
+
+from grpc_harness import quick_request
+from sam2serve.v1 import sam2serve_pb2 as pb
+from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
 from suite_common import (
     CHANNEL_OPTIONS,
     Checks,
@@ -40,10 +45,6 @@ from suite_common import (
     table,
     wait_serving,
 )
-
-from grpc_harness import quick_request
-from sam2serve.v1 import sam2serve_pb2 as pb
-from sam2serve.v1 import sam2serve_pb2_grpc as pb_grpc
 
 State = pb.RequestStatus
 STREAMS_PER_CHANNEL = 100
@@ -100,9 +101,13 @@ class Streams:
         return self.run(self._open(n))
 
     def results(self, tasks: list[asyncio.Task[tuple[str, str, str]]], timeout: float) -> list[tuple[str, str, str]]:
+        """Each stream's end; one still open after `timeout` is cancelled and reported as ("STILL OPEN", ...)."""
         async def gather() -> list[tuple[str, str, str]]:
-            return list(await asyncio.gather(*tasks))
-        return self.run(gather(), timeout)
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            return [t.result() if t in set(tasks) - pending else ("STILL OPEN", "", "") for t in tasks]
+        return self.run(gather(), timeout + 30)
 
     def close(self) -> None:
         async def close_all() -> None:
@@ -146,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ServerProcess(args.engines, "--workers", "1", "--max-status-streams", str(args.streams))
         address, pid = server.address, server.pid
     rows: list[tuple[object, ...]] = []
+    blocker = watched = ""
     try:
         wait_serving(address)
         with channel(address) as ch:
@@ -190,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as e:
         checks.check(False, f"unexpected {code_name(e)}: {e.details()}")  # type: ignore[attr-defined]
     finally:
+        with channel(address) as ch:  # the jobs are cancelled whatever happened (a running server is left clean)
+            for request_id in (watched, blocker):
+                if request_id:
+                    with contextlib.suppress(grpc.RpcError):
+                        stub(ch).Cancel(pb.CancelRequest(request_id=request_id), timeout=30)
         if server is not None:
             rc = server.terminate()
             checks.check(rc == 0, f"server exit code {rc}")

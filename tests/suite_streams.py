@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             bound = s.GetInfo(pb.GetInfoRequest(), timeout=30).limits.max_status_streams
             blocker = s.Submit(quick_request(points_per_side=64), timeout=60).request_id  # minutes of work
             watched = s.Submit(quick_request(points_per_side=1), timeout=60).request_id
+            for status in s.WatchStatus(pb.StatusRequest(request_id=blocker), timeout=1800):
+                if status.state == State.IN_PROGRESS and status.progress > 0:
+                    break  # past its encoder: the RSS figures see the streams, not the encoder's working set
         quiet = unary_latencies(address, calls, watched)
         rss_before = rss_mib(pid) if pid else float("nan")
         streams = Streams(address, watched)

@@ -79,11 +79,16 @@ class ServerProcess:
             return -9
 
     def kill(self) -> None:
+        """Killed if still running; its log is removed if it exited 0 (kept, and named, otherwise)."""
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait()
+        rc = self.process.wait()
         self._pump.join(5)
         self._log.close()
+        if rc == 0:
+            self.log_path.unlink(missing_ok=True)
+        else:
+            print(f"server log (exit code {rc}): {self.log_path}", file=sys.stderr)
 
 
 def rss_mib(pid: int) -> float:

@@ -66,12 +66,12 @@ def run_job(s, points_per_side: int) -> tuple[str, str]:  # type: ignore[no-unty
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_server_arguments(parser)
-    parser.add_argument("--seconds", type=float, default=0, help="soak duration (default 300; short 20)")
+    parser.add_argument("--seconds", type=float, default=0, help="soak duration (default 300; short 12)")
     parser.add_argument("--rate", type=float, default=20.0, help="cheap calls per second")
     parser.add_argument("--max-growth-mib", type=float, default=0, help="RSS growth bound (default 64; short 48)")
     parser.add_argument("--points-per-side", type=int, default=1)
     args = parser.parse_args(argv)
-    seconds = args.seconds or (20 if args.short else 300)
+    seconds = args.seconds or (12 if args.short else 300)
     max_growth = args.max_growth_mib or (48 if args.short else 64)
     checks = Checks()
     server = None

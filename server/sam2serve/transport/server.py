@@ -32,6 +32,17 @@ def receive_limit(max_message_bytes: int, max_image_bytes: int) -> int:
     return min(max_message_bytes, -(-max_image_bytes // 3) * 4 + REQUEST_SLACK_BYTES)
 
 
+def pending_call_limits(max_concurrent_rpcs: int) -> list[tuple[str, int]]:
+    """gRPC core's bounds on calls that arrived but that the Python server has not yet taken up. Its defaults
+    (1 000, then random refusals up to 3 000) cut calls with a bare CANCELLED and no message when a burst
+    arrives faster than the event loop takes them (e.g. 4 000 status streams opened at once, under the
+    4 096-stream bound); tied to --max-concurrent-rpcs, whose refusal is RESOURCE_EXHAUSTED with a message."""
+    if not max_concurrent_rpcs:
+        return []
+    return [("grpc.server.max_pending_requests", max_concurrent_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", max_concurrent_rpcs)]
+
+
 class GrpcAdapter:
     protocol = "grpc"
 
@@ -45,7 +56,8 @@ class GrpcAdapter:
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", receive_limit(config.max_message_bytes,
                                                                      config.max_image_bytes)),
-                   ("grpc.so_reuseport", 0)]  # a second server on a port in use fails instead of sharing it
+                   ("grpc.so_reuseport", 0),  # a second server on a port in use fails instead of sharing it
+                   *pending_call_limits(config.max_concurrent_rpcs)]
         interceptors: list[grpc.aio.ServerInterceptor] = (
             [ApiKeyInterceptor(keys, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
             if keys.required else [])

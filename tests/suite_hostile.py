@@ -280,9 +280,9 @@ def default_rule_cases() -> list[Case]:
         Case("work over the decoder-prompt cap", auto(points_per_side=64, crop_n_layers=3, use_m2m=True), INVALID,
              "decoder prompts"),
         Case("webhook_url file://", auto(webhook_url="file:///etc/passwd"), INVALID, "webhook_url"),
-        # accepted: the address rules apply when the webhook is sent (refused then, and logged)
-        Case("webhook_url to metadata: accepted, refused at delivery", submit_and_cancel(
-            quick_request(webhook_url="http://169.254.169.254/hook")), C.OK),
+        # image_url's address rules, at Submit (before: accepted, and refused only in the log when sent)
+        Case("webhook_url to metadata: refused at Submit", submit_and_cancel(
+            quick_request(webhook_url="http://169.254.169.254/hook")), INVALID, "cloud metadata address"),
         # --- ids
         Case("GetStatus empty id", id_call("GetStatus", ""), NOT_FOUND),
         Case("GetStatus 100 KB id", id_call("GetStatus", "x" * 100_000), NOT_FOUND),

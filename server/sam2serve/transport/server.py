@@ -49,8 +49,9 @@ class GrpcAdapter:
     def __init__(self, app: App) -> None:
         config = app.config
         info = server_info(app)
+        keys = config.keys()
         self.servicer = AutoSegmentServicer(app.jobs, info, RequestLimits.of(config), config.max_message_bytes,
-                                            app.metrics)
+                                            app.metrics, keys)
         self.prompt_servicer = PromptSegmentServicer(app.prompts, info.model, config.max_message_bytes, app.metrics)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", receive_limit(config.max_message_bytes,
@@ -58,8 +59,8 @@ class GrpcAdapter:
                    ("grpc.so_reuseport", 0),  # a second server on a port in use fails instead of sharing it
                    *pending_call_limits(config.max_concurrent_rpcs)]
         interceptors: list[grpc.aio.ServerInterceptor] = (
-            [ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
-            if config.api_key else [])
+            [ApiKeyInterceptor(keys, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
+            if keys.required else [])
         interceptors.append(UndecodableRequests(app.metrics.rejected.labels("invalid_argument", "grpc").inc))
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)

@@ -557,6 +557,19 @@ def test_chart_managed_api_key_secret(chart):
     kv_utils.validate(secret, KUBE_VERSION, strict=True)
 
 
+def test_tenant_keys_and_the_webhook_secret_come_from_existing_secrets(chart):
+    objects = render(chart, {"server": {"apiKeys": {"existingSecret": "tenants"},
+                                        "webhookSecret": {"existingSecret": "hooks", "secretKey": "hmac"}}})
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["SAM2SERVE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "tenants", "key": "api-keys"}
+    assert env["SAM2SERVE_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "hooks", "key": "hmac"}
+    assert not [k for k in objects if k[0] == "Secret"]  # the chart never holds these values itself
+    for obj in objects.values():
+        validate_object(obj)
+    plain = {e["name"] for e in container(render(chart, {})).get("env", [])}
+    assert not plain & {"SAM2SERVE_API_KEYS", "SAM2SERVE_WEBHOOK_SECRET"}
+
+
 def test_shared_queue_url_comes_from_a_secret(chart):
     objects = render(chart, {"server": {"redis": {"url": "redis://:pw@redis:6379/0"}}})
     secret = objects[("Secret", f"{FULLNAME}-redis")]

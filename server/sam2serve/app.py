@@ -19,12 +19,22 @@ from .config import ServerConfig
 from .engines import Engine, Manifest, open_engine
 from .jobs import JobFinished, JobService, JobStore, Worker
 from .jobs.memory import MemoryJobStore
-from .metrics import Metrics, create_cache_metrics, create_metrics, describe_server, observe_job, serve_metrics
+from .metrics import (
+    Metrics,
+    create_cache_metrics,
+    create_metrics,
+    describe_server,
+    enable_tenant_metrics,
+    observe_job,
+    serve_metrics,
+)
 from .pipeline import SegmentPipeline
 from .prompts import ByteBudgetLRU, PromptLimits, PromptSegmenter, PromptWorkers
-from .webhooks import Webhooks
+from .tenants import TenantLabels
+from .webhooks import WebhookMetrics, Webhooks
 
 log = logging.getLogger(__name__)
+WEBHOOK_FLUSH_S = 5.0  # at shutdown, webhooks in flight (and their retries) get this long to be delivered
 
 
 @dataclass
@@ -36,6 +46,7 @@ class App:
     jobs: JobService
     prompts: PromptWorkers
     metrics: Metrics
+    webhooks: Webhooks
 
     @property
     def manifest(self) -> Manifest:
@@ -97,8 +108,17 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     metrics = metrics or create_metrics()
     from .transport.fal.schema import webhook_body as fal_webhook_body
 
-    webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body})  # fal's body for requests fal's clients made
-    store = make_store(config, notify_all([lambda event: observe_job(metrics, event), webhooks]))
+    settings = config.webhook_settings()
+    if not settings.secret:
+        log.warning("webhooks are sent unsigned: set --webhook-secret or --webhook-secret-file (SAM2SERVE_WEBHOOK_"
+                    "SECRET[_FILE]) so that receivers can check they come from this server")
+    webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body},  # fal's body for requests fal's clients made
+                        settings=settings, metrics=WebhookMetrics(metrics.webhooks, metrics.webhook_retries))
+    listeners: list[Callable[[JobFinished], None]] = [lambda event: observe_job(metrics, event), webhooks]
+    keys = config.keys()  # a malformed key entry stops the server here, before anything runs
+    if config.tenant_metrics > 0:
+        listeners.append(enable_tenant_metrics(metrics, TenantLabels(keys.tenants, config.tenant_metrics)))
+    store = make_store(config, notify_all(listeners))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
     worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds,
                     fetchers=config.url_fetchers)
@@ -107,7 +127,7 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
                     info.backend, ",".join(info.providers), jobs.depth)
-    return App(config, engine, jobs, make_prompts(config, engine, metrics), metrics)
+    return App(config, engine, jobs, make_prompts(config, engine, metrics), metrics, webhooks)
 
 
 class Adapter(Protocol):
@@ -157,6 +177,7 @@ class RunningServer:
         for adapter in self.adapters:
             await adapter.stop(grace_s=5.0)
         await self.app.jobs.close()
+        await self.app.webhooks.flush(WEBHOOK_FLUSH_S)
         self.app.prompts.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

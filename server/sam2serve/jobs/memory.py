@@ -210,7 +210,7 @@ class MemoryJobStore:
     def _snapshot(self, job: _Job) -> JobSnapshot:
         position = next((i for i, j in enumerate(self._pending) if j is job), 0)
         return JobSnapshot(job.id, job.state, position, job.progress, tuple(job.logs), self._error(job),
-                           job.submitted_at, job.started_at, job.finished_at, job.version)
+                           job.submitted_at, job.started_at, job.finished_at, job.version, job.request.tenant)
 
     def _end(self, job: _Job, state: JobState, outcome: SegmentOutcome | None = None,
              error: BaseException | None = None) -> None:

@@ -7,7 +7,8 @@ Keys, under a prefix (default "sam2serve:"):
     running:<replica>   ids a replica has taken (moved from pending atomically, so a crash leaves them here)
     reaping:<replica>   a lost replica's running list, renamed while its ids are requeued
     replicas            sorted set: each replica's last heartbeat (Redis server time, so pod clocks don't matter)
-    job:<id>            hash: state, times, progress, version, owner (the claim's token), error, attempts, cancel
+    job:<id>            hash: state, times, progress, version, owner (the claim's token), error, attempts, cancel,
+                        tenant (whose request it is)
     request:<id>        the encoded request (`jobcodec`); the image is dropped when the job ends
     logs:<id>           JSON [time, message] entries
     result:<id>         the encoded outcome
@@ -273,7 +274,8 @@ class RedisJobStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key("job", job_id), mapping={"state": JobState.IN_QUEUE.name, "version": 1,
                                                           "submitted_at": repr(submitted_at), "progress": 0,
-                                                          "attempts": 0, "image_bytes": size})
+                                                          "attempts": 0, "image_bytes": size,
+                                                          "tenant": request.tenant})
             pipe.set(self._key("request", job_id), jobcodec.encode(request))
             for kind in ("job", "request"):
                 pipe.expire(self._key(kind, job_id), UNFINISHED_TTL_S)
@@ -285,7 +287,8 @@ class RedisJobStore:
             raise queue_full(self._queue_size) if pushed[0] == -1 else queue_bytes_full(pushed[1], size,
                                                                                       self._queue_bytes)
         length = pushed[1]
-        return JobSnapshot(job_id, JobState.IN_QUEUE, length - 1, 0.0, (), None, submitted_at, None, None, 1)
+        return JobSnapshot(job_id, JobState.IN_QUEUE, length - 1, 0.0, (), None, submitted_at, None, None, 1,
+                           request.tenant)
 
     @_redis_errors_unavailable
     async def snapshot(self, job_id: str) -> JobSnapshot:
@@ -616,4 +619,5 @@ def _snapshot(job_id: str, fields: dict[str, str], logs: list[bytes], position: 
     entries = tuple((float(t), str(m)) for t, m in (json.loads(e) for e in logs))
     return JobSnapshot(job_id, JobState[fields["state"]], position if position is not None else 0,
                        float(fields.get("progress", 0)), entries, error, float(fields["submitted_at"]),
-                       time_or_none("started_at"), time_or_none("finished_at"), int(fields.get("version", 0)))
+                       time_or_none("started_at"), time_or_none("finished_at"), int(fields.get("version", 0)),
+                       fields.get("tenant", ""))

@@ -1,5 +1,9 @@
 """The data plane every protocol adapter (gRPC today) calls: submit, status, watch, result, cancel, and
-run-now for callers that wait on their job, over one store and its worker. Nothing here knows a protocol."""
+run-now for callers that wait on their job, over one store and its worker. Nothing here knows a protocol.
+
+Tenants: a request carries the tenant that submitted it; `status`, `watch`, `result` and `cancel` given a
+`tenant` (as every adapter gives the caller's) treat a job of another tenant as unknown, with the very error of
+an unknown id. Without a `tenant` (this layer's own calls) they see every job."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from ..admission import admit
+from ..admission import admit, admit_webhook
 from ..domain import SegmentRequest
 from ..errors import Overloaded
 from ..limits import AdmissionLimits
@@ -46,20 +50,23 @@ class JobService:
         if not self._accepting:
             raise shutting_down()
         admit(request, self.limits)
+        if request.webhook_url:
+            await admit_webhook(request.webhook_url, self.limits)
         return await self.store.add(request)
 
-    async def status(self, job_id: str) -> JobSnapshot:
-        snapshot = await self.store.snapshot(_issued(job_id))
+    async def status(self, job_id: str, tenant: str | None = None) -> JobSnapshot:
+        snapshot = _owned(await self.store.snapshot(_issued(job_id)), tenant)
         if snapshot.state.terminal and snapshot.state is not JobState.COMPLETED:
             self._fetched(job_id)  # a failure or cancellation is all there is to see
         return snapshot
 
-    def watch(self, job_id: str) -> AsyncGenerator[JobSnapshot, None]:
+    def watch(self, job_id: str, tenant: str | None = None) -> AsyncGenerator[JobSnapshot, None]:
         """The current state, then every change, ending with a terminal state; `Overloaded` (on the first
         step) when max_streams are open already."""
-        return self._stream(self.store.changes(_issued(job_id)))
+        return self._stream(self.store.changes(_issued(job_id)), tenant)
 
-    async def _stream(self, changes: AsyncGenerator[JobSnapshot, None]) -> AsyncGenerator[JobSnapshot, None]:
+    async def _stream(self, changes: AsyncGenerator[JobSnapshot, None],
+                      tenant: str | None) -> AsyncGenerator[JobSnapshot, None]:
         async with contextlib.aclosing(changes):
             if self.max_streams and self.streams >= self.max_streams:
                 raise Overloaded(f"{self.max_streams} status streams are open on this server, its bound; "
@@ -67,7 +74,7 @@ class JobService:
             self.streams += 1
             try:
                 async for snapshot in changes:
-                    yield snapshot
+                    yield _owned(snapshot, tenant)
             finally:
                 self.streams -= 1
 
@@ -78,7 +85,9 @@ class JobService:
                     return snapshot
         raise AssertionError("a job's changes end with a terminal state")
 
-    async def result(self, job_id: str) -> JobResult:
+    async def result(self, job_id: str, tenant: str | None = None) -> JobResult:
+        if tenant is not None:  # before the result: a failed job's result is its error, which would tell
+            _owned(await self.store.snapshot(_issued(job_id)), tenant)
         try:
             return await self.store.result(_issued(job_id))
         finally:
@@ -89,7 +98,9 @@ class JobService:
             self._unfetched.discard(job_id)
             self._fetches_changed.set()
 
-    async def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]:
+    async def cancel(self, job_id: str, tenant: str | None = None) -> tuple[CancelOutcome, JobSnapshot]:
+        if tenant is not None:
+            _owned(await self.store.snapshot(_issued(job_id)), tenant)
         return await self.store.cancel(_issued(job_id))
 
     @contextlib.asynccontextmanager
@@ -177,6 +188,13 @@ class JobService:
             self._waiting_calls -= 1
             async with self._calls_changed:
                 self._calls_changed.notify_all()
+
+
+def _owned(snapshot: JobSnapshot, tenant: str | None) -> JobSnapshot:
+    """`snapshot`, if its job is `tenant`'s (or `tenant` is None); else NOT_FOUND as for an unknown id."""
+    if tenant is not None and snapshot.tenant != tenant:
+        raise not_found(snapshot.id)
+    return snapshot
 
 
 def _issued(job_id: str) -> str:

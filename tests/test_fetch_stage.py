@@ -93,8 +93,10 @@ def test_the_time_limit_covers_the_fetch_stage():
     run(body, time_limit_s=0.5)
 
 
-def test_the_fetch_stage_is_bounded():
-    """With one fetch slot taken by a hanging URL, a second URL job waits for it (claimed, not fetching)."""
+def test_a_full_fetch_stage_leaves_url_jobs_queued_and_runs_the_others():
+    """With the one fetch slot taken by a hanging URL, the next URL job stays queued (not claimed) and a job
+    behind it whose image came with the request runs. Before, a worker claimed the URL job and waited for
+    fetch room, so the job behind it waited too."""
 
     async def body(jobs: JobService, runner: HangingUrls) -> None:
         first = await jobs.submit(url_request())
@@ -102,10 +104,13 @@ def test_the_fetch_stage_is_bounded():
         runner.fetching.clear()
         second = await jobs.submit(url_request())
         third = await jobs.submit(request())
-        assert not await asyncio.get_running_loop().run_in_executor(None, runner.fetching.wait, 0.5)
-        assert (await jobs.status(third.id)).state is JobState.IN_QUEUE  # the stage's bound holds the line
+        assert (await asyncio.wait_for(jobs.wait(third.id), 10)).state is JobState.COMPLETED
+        assert not runner.fetching.is_set() and runner.computed == ["bytes"]
+        assert (await jobs.status(second.id)).state is JobState.IN_QUEUE  # waits for the stage, unclaimed
+        assert (await jobs.status(first.id)).state is JobState.IN_PROGRESS
         runner.release.set()
-        for job in (first, second, third):
+        for job in (first, second):
             assert (await asyncio.wait_for(jobs.wait(job.id), 10)).state is JobState.COMPLETED
+        assert runner.computed == ["bytes", "url", "url"]
 
     run(body, fetchers=1)

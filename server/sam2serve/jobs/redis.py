@@ -7,7 +7,8 @@ Keys, under a prefix (default "sam2serve:"):
     running:<replica>   ids a replica has taken (moved from pending atomically, so a crash leaves them here)
     reaping:<replica>   a lost replica's running list, renamed while its ids are requeued
     replicas            sorted set: each replica's last heartbeat (Redis server time, so pod clocks don't matter)
-    job:<id>            hash: state, times, progress, version, owner (the claim's token), error, attempts, cancel
+    job:<id>            hash: state, times, progress, version, owner (the claim's token), error, attempts, cancel,
+                        image_bytes, url (1: its image is a URL, for the fetch stage to claim)
     request:<id>        the encoded request (`jobcodec`); the image is dropped when the job ends
     logs:<id>           JSON [time, message] entries
     result:<id>         the encoded outcome
@@ -83,6 +84,7 @@ LOST_AFTER_BEATS = 3
 MAX_ATTEMPTS = 2  # runs of one job; a job whose replica died twice fails
 UNFINISHED_TTL_S = 24 * 3600  # keys of a job nobody finishes (every replica gone) are not kept forever
 SOCKET_SLACK_S = 10.0  # a socket's timeout beyond the longest blocking wait, so a half-open one fails
+KIND_POLL_S = 0.1  # how often a claim of one kind of job looks again (no blocking list command filters)
 
 _ALLOWED = f"local allowed = {lua_transitions()}\n"
 # KEYS: pending, job key prefix. ARGV: queue size, id, image byte budget (0: none), this image's bytes.
@@ -98,6 +100,18 @@ if budget > 0 then
   if held + tonumber(ARGV[4]) > budget then return {-2, held} end
 end
 return {1, redis.call('RPUSH', KEYS[1], ARGV[2])}
+"""
+# The first waiting id whose image is (ARGV[1] '1') or is not ('0') a URL, moved to a running list.
+# KEYS: pending, running list, job key prefix. The queue is bounded by queue_size: the scan is short.
+_TAKE_KIND = """
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if (redis.call('HGET', KEYS[3] .. id, 'url') == '1') == (ARGV[1] == '1') then
+    redis.call('LREM', KEYS[1], 1, id)
+    redis.call('RPUSH', KEYS[2], id)
+    return id
+  end
+end
+return false
 """
 # KEYS: job, events. ARGV: claim token, now. 1 claimed; 0 cancelled before it started; -1 gone; -2 not queued.
 _CLAIM = _ALLOWED + """
@@ -233,6 +247,7 @@ class RedisJobStore:
         self._sync = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)  # job threads, scrapes
         self._push = self._redis.register_script(_PUSH_IF_ROOM)
         self._claim_script = self._redis.register_script(_CLAIM)
+        self._take_kind = self._redis.register_script(_TAKE_KIND)
         self._finish_script = self._redis.register_script(_FINISH)
         self._requeue = self._beats.register_script(_REQUEUE)
         self._stage = self._beats.register_script(_STAGE_FOR_REAPING)
@@ -273,7 +288,8 @@ class RedisJobStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key("job", job_id), mapping={"state": JobState.IN_QUEUE.name, "version": 1,
                                                           "submitted_at": repr(submitted_at), "progress": 0,
-                                                          "attempts": 0, "image_bytes": size})
+                                                          "attempts": 0, "image_bytes": size,
+                                                          "url": int(request.image_kind == "url")})
             pipe.set(self._key("request", job_id), jobcodec.encode(request))
             for kind in ("job", "request"):
                 pipe.expire(self._key(kind, job_id), UNFINISHED_TTL_S)
@@ -372,9 +388,11 @@ class RedisJobStore:
 
     # -- workers -----------------------------------------------------------------------------------------------
     @_redis_errors_unavailable
-    async def claim(self, timeout_s: float) -> Claim | None:
+    async def claim(self, timeout_s: float, url: bool | None = None) -> Claim | None:
         pending, mine = self._key("pending"), self._key("running", self.replica_id)
-        if timeout_s > 0:
+        if url is not None:
+            raw = await self._take_of_kind(url, timeout_s)
+        elif timeout_s > 0:
             raw = await self._redis.blmove(pending, mine, math.ceil(timeout_s), "LEFT", "RIGHT")
         else:
             raw = await self._redis.lmove(pending, mine, "LEFT", "RIGHT")
@@ -390,6 +408,17 @@ class RedisJobStore:
         finally:
             if claim is None:
                 self._let_go(job_id)
+
+    async def _take_of_kind(self, url: bool, timeout_s: float) -> Any:
+        """The id `_TAKE_KIND` moved to this replica's running list, polled for up to `timeout_s`."""
+        keys = [self._key("pending"), self._key("running", self.replica_id), self._key("job", "")]
+        deadline = time.monotonic() + timeout_s
+        while (raw := await self._take_kind(keys=keys, args=["1" if url else "0"])) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(KIND_POLL_S, left))
+        return raw
 
     async def _claim_listed(self, job_id: str, mine: str) -> Claim | None:
         """Claim a job whose id was just moved to this replica's running list."""

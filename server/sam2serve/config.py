@@ -53,7 +53,8 @@ class ServerConfig:
     max_prompt_boxes: int = 16  # each box is one more prompt set in the decoder batch
     max_crop_n_layers: int = 3
     # The work one request may ask for (decoder prompts: grid × crops, more with use_m2m), refused at Submit,
-    # and the time one job may run (then FAILED, DEADLINE_EXCEEDED); 0 for no time limit.
+    # and the time one job may run (then FAILED, DEADLINE_EXCEEDED; its fetch and compute, not its waits for
+    # the queue or a free worker); 0 for no time limit.
     max_decoder_prompts: int = DEFAULT_MAX_DECODER_PROMPTS
     job_time_limit_seconds: float = 1800.0
     max_image_bytes: int = 20 * 1024 * 1024

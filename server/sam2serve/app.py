@@ -147,12 +147,18 @@ class RunningServer:
             await adapter.set_serving(serving)
 
     async def shutdown(self) -> bool:
-        """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
+        """Health NOT_SERVING, no new work; queued and running jobs, and prompt calls in flight, finish
+        within the drain period."""
         await self.set_serving(False)
         self.app.prompts.accepting = False
-        drained = await self.app.jobs.drain(self.config.drain_seconds, self.config.drain_results_seconds)
+        drained, prompts_drained = await asyncio.gather(
+            self.app.jobs.drain(self.config.drain_seconds, self.config.drain_results_seconds),
+            self.app.prompts.drain(self.config.drain_seconds))
         if not drained:
             log.warning("drain period of %.0f s ended with jobs unfinished; they were cancelled",
+                        self.config.drain_seconds)
+        if not prompts_drained:
+            log.warning("drain period of %.0f s ended with prompt calls unfinished; they are cut",
                         self.config.drain_seconds)
         for adapter in self.adapters:
             await adapter.stop(grace_s=5.0)

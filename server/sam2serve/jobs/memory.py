@@ -128,6 +128,14 @@ class MemoryJobStore:
     def unfinished_here(self) -> list[str]:
         return [job.id for job in self._jobs.values() if not job.state.terminal]
 
+    def finished_here_since(self, since: float) -> list[str]:
+        recent = []
+        for job_id in reversed(self._finished):  # in the order they ended
+            if (self._jobs[job_id].finished_at or 0.0) < since:
+                break
+            recent.append(job_id)
+        return recent
+
     # -- workers -----------------------------------------------------------------------------------------------
     async def claim(self, timeout_s: float, url: bool | None = None) -> Claim | None:
         try:

@@ -386,6 +386,9 @@ class RedisJobStore:
     def unfinished_here(self) -> list[str]:
         return []  # every replica answers for every job
 
+    def finished_here_since(self, since: float) -> list[str]:
+        return []  # every replica answers for every job
+
     # -- workers -----------------------------------------------------------------------------------------------
     @_redis_errors_unavailable
     async def claim(self, timeout_s: float, url: bool | None = None) -> Claim | None:

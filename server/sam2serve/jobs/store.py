@@ -58,6 +58,11 @@ class JobStore(Protocol):
         job; a shared store: none, other replicas answer for them)."""
         ...
 
+    def finished_here_since(self, since: float) -> list[str]:
+        """Jobs whose state and result only this process holds that ended at or after `since` (wall clock),
+        newest first (in-process: those; a shared store: none)."""
+        ...
+
     # -- workers, on the event loop --------------------------------------------------------------------------
     async def claim(self, timeout_s: float, url: bool | None = None) -> Claim | None:
         """The next queued job, now IN_PROGRESS and held by the returned claim; None when none came within

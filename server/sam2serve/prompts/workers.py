@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..errors import QueueFull, ShuttingDown
 from .model import EmbeddedImage, ImageSource, PromptOutcome, PromptRequest
@@ -26,6 +26,7 @@ class PromptWorkers:
         self.max_waiting = max(0, max_waiting)
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sam2serve-prompt")
         self._calls = 0  # running or waiting
+        self._in_flight: set[asyncio.Future[Any]] = set()  # the same calls, for a drain to wait on
         self.accepting = True
 
     @property
@@ -44,10 +45,21 @@ class PromptWorkers:
         if self._calls >= self.workers + self.max_waiting:
             raise QueueFull(f"{self._calls} prompt calls are running or waiting, this server's limit; retry later")
         self._calls += 1
+        future = asyncio.get_running_loop().run_in_executor(self._executor, call, argument)
+        self._in_flight.add(future)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call, argument)
+            return await future
         finally:
+            self._in_flight.discard(future)
             self._calls -= 1
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Accept no new calls; wait up to `timeout_s` for those running or waiting to end (True if all did)."""
+        self.accepting = False
+        if not self._in_flight:
+            return True
+        _, left = await asyncio.wait(set(self._in_flight), timeout=max(0.0, timeout_s))
+        return not left
 
     def close(self) -> None:
         """Stop accepting; calls not yet started are dropped, running ones finish on their threads."""

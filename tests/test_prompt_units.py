@@ -305,3 +305,37 @@ def test_fals_image_is_the_union_of_best_masks_or_the_photo_with_it_applied():
     jpeg = output_image(outcome, ImageOptions(apply_mask=True, output_format="jpeg"))
     bgr = cv2.imdecode(np.frombuffer(jpeg.data, np.uint8), cv2.IMREAD_COLOR)
     assert bgr[0, 0].max() < 30 and bgr[4, 4].min() > 170  # black outside, the photo inside
+
+
+class _FactoredEngine:
+    """An engine whose factored decoder keeps a context per image 3x the size of its features, as the real
+    one does (≈ 45 MB beside 17 MB)."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.manifest = SimpleNamespace(model="fake", weights=SimpleNamespace(origin="untrained", sha256="", seed=0),
+                                        image_size=16, pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0))
+        self.factored = self
+
+    def encode(self, image: np.ndarray):
+        from sam2serve.engines.base import ImageFeatures
+
+        return ImageFeatures(np.zeros((1, 4, 4, 4), np.float32), np.zeros((1, 2, 8, 8), np.float32),
+                             np.zeros((1, 4, 4, 4), np.float32))  # 1 KiB in all
+
+    def context(self, features) -> dict[str, np.ndarray]:
+        return {"ca1_keys": np.zeros(512, np.float32), "dc2_bias": np.zeros(256, np.float32)}  # 3 KiB
+
+
+def test_the_embedding_cache_counts_the_decoder_context_it_keeps_alive():
+    """Before, an embedding counted its features only (17 MB) while the factored decoder's context of those
+    features (≈ 45 MB) lived as long: a 512 MB budget held ≈ 1.9 GB."""
+    from sam2serve.prompts.segmenter import PromptSegmenter
+
+    cache: ByteBudgetLRU = ByteBudgetLRU(6 * 1024)  # room for one image with its context, not two
+    segmenter = PromptSegmenter(_FactoredEngine(), cache, InputLimits())  # type: ignore[arg-type]
+    pictures = [cv2.imencode(".png", np.full((8, 8, 3), v, np.uint8))[1].tobytes() for v in (10, 200)]
+    for picture in pictures:
+        segmenter.embed(ImageSource("image_bytes", picture))
+    assert len(cache) == 1 and cache.nbytes == 4 * 1024

@@ -47,7 +47,7 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_points_per_side: int = 64
-    embedding_cache_mb: int = 512  # PromptSegmentService: image embeddings (≈ 17 MB each) and mask logits
+    embedding_cache_mb: int = 512  # PromptSegmentService: embeddings (≈ 62 MB each, decoder context in) + logits
     prompt_workers: int = 2  # PromptSegmentService calls run at once (more wait, up to queue_size)
     max_prompt_points: int = 64
     max_prompt_boxes: int = 16  # each box is one more prompt set in the decoder batch

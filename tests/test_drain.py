@@ -135,7 +135,7 @@ class _HeldSegmenter:
     def __init__(self) -> None:
         self.started, self.release = threading.Event(), threading.Event()
 
-    def segment(self, request: object) -> str:
+    def embed(self, source: object) -> str:
         self.started.set()
         self.release.wait(30)
         return "masks"
@@ -146,7 +146,7 @@ def test_shutdown_waits_for_prompt_calls_in_flight():
     from sam2serve.app import App, RunningServer
     from sam2serve.config import ServerConfig
     from sam2serve.errors import ShuttingDown
-    from sam2serve.prompts import PromptWorkers
+    from sam2serve.prompts import ImageSource, PromptWorkers
 
     async def main() -> None:
         segmenter = _HeldSegmenter()
@@ -155,13 +155,13 @@ def test_shutdown_waits_for_prompt_calls_in_flight():
         await jobs.start()
         config = ServerConfig(drain_seconds=30, metrics_port=-1)
         server = RunningServer(App(config, None, jobs, prompts, None), [])  # type: ignore[arg-type]
-        call = asyncio.create_task(prompts.segment(None))  # type: ignore[arg-type]
+        call = asyncio.create_task(prompts.embed(ImageSource("bytes", b"picture")))
         assert await asyncio.get_running_loop().run_in_executor(None, segmenter.started.wait, 10)
         stopping = asyncio.create_task(server.shutdown())
         done, _ = await asyncio.wait({stopping}, timeout=0.3)
         assert not done  # the call is still running
         with pytest.raises(ShuttingDown):
-            await prompts.segment(None)  # type: ignore[arg-type]
+            await prompts.embed(ImageSource("bytes", b"picture"))
         segmenter.release.set()
         assert await asyncio.wait_for(call, 10) == "masks"
         assert await asyncio.wait_for(stopping, 10)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sam2serve.errors import InvalidInput, QueueFull, ShuttingDown
+from sam2serve.errors import ImageFetchError, InvalidInput, QueueFull, ShuttingDown
 from sam2serve.inputs import InputLimits, load_image
 from sam2serve.outputs import encode_image
 from sam2serve.prompts import (
@@ -207,6 +207,8 @@ def test_webp_masks_are_lossless():
 class BlockingSegmenter:
     """Stands in for PromptSegmenter: each call waits until the test lets it go."""
 
+    limits, input_limits = PromptLimits(), InputLimits()
+
     def __init__(self) -> None:
         self.started = threading.Semaphore(0)
         self.release = threading.Event()
@@ -339,3 +341,36 @@ def test_the_embedding_cache_counts_the_decoder_context_it_keeps_alive():
     for picture in pictures:
         segmenter.embed(ImageSource("image_bytes", picture))
     assert len(cache) == 1 and cache.nbytes == 4 * 1024
+
+
+def test_a_hanging_image_url_waits_in_the_fetch_stage_not_on_the_prompt_worker():
+    """Before, a prompt call's image_url was downloaded on its prompt worker: with one worker, a hanging
+    upstream held every call behind it for the fetch timeout."""
+    import socket
+
+    from sam2serve.jobs import Worker
+    from sam2serve.jobs.memory import MemoryJobStore
+    from sam2serve.prompts.segmenter import PromptSegmenter
+
+    async def main() -> None:
+        hanging = socket.socket()  # accepts connections into its backlog and never answers
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(8)
+        stage = Worker(MemoryJobStore(), None, workers=0, fetchers=2)  # type: ignore[arg-type]
+        segmenter = PromptSegmenter(_FactoredEngine(), ByteBudgetLRU(1 << 20),  # type: ignore[arg-type]
+                                    InputLimits(allow_private_networks=True))
+        workers = PromptWorkers(segmenter, workers=1, fetch_stage=stage)
+        try:
+            url = f"http://127.0.0.1:{hanging.getsockname()[1]}/photo.png"
+            slow = asyncio.create_task(workers.embed(ImageSource("url", url)))
+            picture = cv2.imencode(".png", np.full((8, 8, 3), 7, np.uint8))[1].tobytes()
+            embedded = await asyncio.wait_for(workers.embed(ImageSource("bytes", picture)), 10)
+            assert embedded.width == 8 and not slow.done()
+        finally:
+            hanging.close()  # the download fails at once
+            with pytest.raises(ImageFetchError):
+                await asyncio.wait_for(slow, 30)
+            workers.close()
+            await stage.close()
+
+    asyncio.run(main())

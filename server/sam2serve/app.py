@@ -22,6 +22,7 @@ from .jobs.memory import MemoryJobStore
 from .metrics import Metrics, create_cache_metrics, create_metrics, describe_server, observe_job, serve_metrics
 from .pipeline import SegmentPipeline
 from .prompts import ByteBudgetLRU, PromptLimits, PromptSegmenter, PromptWorkers
+from .prompts.workers import FetchStage
 from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,17 @@ def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None])
                           queue_bytes=config.queue_image_bytes)
 
 
-def make_prompts(config: ServerConfig, engine: Engine, metrics: Metrics) -> PromptWorkers:
+def make_prompts(config: ServerConfig, engine: Engine, metrics: Metrics, fetch_stage: FetchStage | None = None
+                 ) -> PromptWorkers:
     """The prompted data plane: a per-replica embedding cache within --embedding-cache-mb, the segmenter on
-    `engine`, and its bounded workers (--prompt-workers, up to --queue-size waiting)."""
+    `engine`, and its bounded workers (--prompt-workers, up to --queue-size waiting), whose image_url
+    downloads run in `fetch_stage` (the job queue's)."""
     budget = config.embedding_cache_mb * 1024 * 1024
     cache: ByteBudgetLRU = ByteBudgetLRU(budget, create_cache_metrics(metrics.registry, budget))
     limits = PromptLimits(max_points=config.max_prompt_points, max_boxes=config.max_prompt_boxes)
     segmenter = PromptSegmenter(engine, cache, config.input_limits(), limits)
-    return PromptWorkers(segmenter, workers=config.prompt_workers, max_waiting=config.queue_size)
+    return PromptWorkers(segmenter, workers=config.prompt_workers, max_waiting=config.queue_size,
+                         fetch_stage=fetch_stage)
 
 
 def notify_all(listeners: Sequence[Callable[[JobFinished], None]]) -> Callable[[JobFinished], None]:
@@ -107,7 +111,8 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
                     info.backend, ",".join(info.providers), jobs.depth)
-    return App(config, engine, jobs, make_prompts(config, engine, metrics), metrics)
+    prompts = make_prompts(config, engine, metrics, worker if config.url_fetchers > 0 else None)
+    return App(config, engine, jobs, prompts, metrics)
 
 
 class Adapter(Protocol):

@@ -9,7 +9,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -24,6 +24,7 @@ CLAIM_WAIT_S = 1.0  # a worker's wait for a job between looks at the drain flag
 FETCH_POLL_S = 0.25  # how often a job in the fetch stage looks whether it should stop
 RETRY_AFTER_S = 5.0  # a worker's pause after its store was unreachable
 Fetched = TypeVar("Fetched")
+T = TypeVar("T")
 
 
 class Runner(Protocol[Fetched]):
@@ -225,6 +226,19 @@ class Worker:
             log.warning("job queue: store unreachable while finishing a job (%s)", e)
         except Exception:
             log.exception("job queue: worker error; continuing")
+
+    async def fetch(self, download: Callable[[], T]) -> T:
+        """Run `download` in the fetch stage, beside the URL jobs: within its room (waiting for a slot), on
+        its threads; the slot frees when the thread ends, even if the caller left before."""
+        loop = asyncio.get_running_loop()
+        await self._fetch_room.acquire()
+        try:
+            running = self._fetch_executor.submit(download)
+        except BaseException:
+            self._fetch_room.release()
+            raise
+        running.add_done_callback(lambda _: loop.call_soon_threadsafe(self._fetch_room.release))
+        return await asyncio.wrap_future(running)
 
     async def _fetched_apart(self, claim: Claim, control: _ClaimControl) -> Any:
         """The fetch stage of a URL job, on the fetch threads; Cancelled as soon as the job should stop (the

@@ -38,6 +38,7 @@ class ImageSource:
 
     kind: str
     value: str | bytes
+    fetched: bytes | None = field(default=None, repr=False, compare=False)  # an image_url's body, downloaded
 
 
 @dataclass(frozen=True)

@@ -127,7 +127,7 @@ class PromptSegmenter:
             check(cached.width, cached.height)
             return EmbeddedImage(image_id, cached.width, cached.height, True,
                                  timings={"image": time.perf_counter() - start, "encoder": 0.0}), cached
-        loaded = load_image(source.kind, source.value, self.input_limits)
+        loaded = load_image(source.kind, source.value, self.input_limits, source.fetched)
         check(loaded.width, loaded.height)
         image_id = image_id_of(loaded.rgb, self.model)
         image_s = time.perf_counter() - start

@@ -589,6 +589,29 @@ def test_shared_queue_url_comes_from_a_secret(chart):
     assert "SAM2SERVE_REDIS_URL" not in {e["name"] for e in container(plain).get("env", [])}
 
 
+def test_metrics_token_comes_from_a_secret_and_the_servicemonitor_sends_it(chart):
+    """Before, the chart had no way to set SAM2SERVE_METRICS_TOKEN from a Secret, though the metrics port
+    listens on every pod address."""
+    monitor = {"serviceMonitor": {"enabled": True}}
+    objects = render(chart, {"metrics": {"token": {"existingSecret": "scrape", "secretKey": "t"}, **monitor}})
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["SAM2SERVE_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "scrape", "key": "t"}
+    endpoint = objects[("ServiceMonitor", FULLNAME)]["spec"]["endpoints"][0]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "scrape", "key": "t"}}
+    assert not [k for k in objects if k[0] == "Secret"]
+
+    objects = render(chart, {"metrics": {"token": {"value": "s3cret"}, **monitor}})
+    secret = objects[("Secret", f"{FULLNAME}-metrics-token")]
+    assert secret["data"] == {"metrics-token": "czNjcmV0"}
+    kv_utils.validate(secret, KUBE_VERSION, strict=True)
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["SAM2SERVE_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-metrics-token",
+                                                                            "key": "metrics-token"}
+    plain = render(chart, {"metrics": monitor})
+    assert "SAM2SERVE_METRICS_TOKEN" not in {e["name"] for e in container(plain).get("env", [])}
+    assert "authorization" not in plain[("ServiceMonitor", FULLNAME)]["spec"]["endpoints"][0]
+
+
 def test_fal_http_api_behind_a_switch(chart):
     values = {"server": {"http": {"enabled": True, "port": 8443, "publicUrl": "https://sam2.example.com"},
                          "redis": {"url": "redis://:pw@redis:6379/0"}}, "service": {"httpPort": 443},

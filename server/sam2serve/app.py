@@ -30,6 +30,7 @@ from .metrics import (
 )
 from .pipeline import SegmentPipeline
 from .prompts import ByteBudgetLRU, PromptLimits, PromptSegmenter, PromptWorkers
+from .prompts.workers import FetchStage
 from .tenants import TenantLabels
 from .webhooks import WebhookMetrics, Webhooks
 
@@ -77,14 +78,17 @@ def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None])
                           queue_bytes=config.queue_image_bytes)
 
 
-def make_prompts(config: ServerConfig, engine: Engine, metrics: Metrics) -> PromptWorkers:
+def make_prompts(config: ServerConfig, engine: Engine, metrics: Metrics, fetch_stage: FetchStage | None = None
+                 ) -> PromptWorkers:
     """The prompted data plane: a per-replica embedding cache within --embedding-cache-mb, the segmenter on
-    `engine`, and its bounded workers (--prompt-workers, up to --queue-size waiting)."""
+    `engine`, and its bounded workers (--prompt-workers, up to --queue-size waiting), whose image_url
+    downloads run in `fetch_stage` (the job queue's)."""
     budget = config.embedding_cache_mb * 1024 * 1024
     cache: ByteBudgetLRU = ByteBudgetLRU(budget, create_cache_metrics(metrics.registry, budget))
     limits = PromptLimits(max_points=config.max_prompt_points, max_boxes=config.max_prompt_boxes)
     segmenter = PromptSegmenter(engine, cache, config.input_limits(), limits)
-    return PromptWorkers(segmenter, workers=config.prompt_workers, max_waiting=config.queue_size)
+    return PromptWorkers(segmenter, workers=config.prompt_workers, max_waiting=config.queue_size,
+                         fetch_stage=fetch_stage)
 
 
 def notify_all(listeners: Sequence[Callable[[JobFinished], None]]) -> Callable[[JobFinished], None]:
@@ -127,7 +131,8 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
                     info.backend, ",".join(info.providers), jobs.depth)
-    return App(config, engine, jobs, make_prompts(config, engine, metrics), metrics, webhooks)
+    prompts = make_prompts(config, engine, metrics, worker if config.url_fetchers > 0 else None)
+    return App(config, engine, jobs, prompts, metrics, webhooks)
 
 
 class Adapter(Protocol):
@@ -167,12 +172,18 @@ class RunningServer:
             await adapter.set_serving(serving)
 
     async def shutdown(self) -> bool:
-        """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
+        """Health NOT_SERVING, no new work; queued and running jobs, and prompt calls in flight, finish
+        within the drain period."""
         await self.set_serving(False)
         self.app.prompts.accepting = False
-        drained = await self.app.jobs.drain(self.config.drain_seconds, self.config.drain_results_seconds)
+        drained, prompts_drained = await asyncio.gather(
+            self.app.jobs.drain(self.config.drain_seconds, self.config.drain_results_seconds),
+            self.app.prompts.drain(self.config.drain_seconds))
         if not drained:
             log.warning("drain period of %.0f s ended with jobs unfinished; they were cancelled",
+                        self.config.drain_seconds)
+        if not prompts_drained:
+            log.warning("drain period of %.0f s ended with prompt calls unfinished; they are cut",
                         self.config.drain_seconds)
         for adapter in self.adapters:
             await adapter.stop(grace_s=5.0)

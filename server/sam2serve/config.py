@@ -54,13 +54,14 @@ class ServerConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_points_per_side: int = 64
-    embedding_cache_mb: int = 512  # PromptSegmentService: image embeddings (≈ 17 MB each) and mask logits
+    embedding_cache_mb: int = 512  # PromptSegmentService: embeddings (≈ 62 MB each, decoder context in) + logits
     prompt_workers: int = 2  # PromptSegmentService calls run at once (more wait, up to queue_size)
     max_prompt_points: int = 64
     max_prompt_boxes: int = 16  # each box is one more prompt set in the decoder batch
     max_crop_n_layers: int = 3
     # The work one request may ask for (decoder prompts: grid × crops, more with use_m2m), refused at Submit,
-    # and the time one job may run (then FAILED, DEADLINE_EXCEEDED); 0 for no time limit.
+    # and the time one job may run (then FAILED, DEADLINE_EXCEEDED; its fetch and compute, not its waits for
+    # the queue or a free worker); 0 for no time limit.
     max_decoder_prompts: int = DEFAULT_MAX_DECODER_PROMPTS
     job_time_limit_seconds: float = 1800.0
     max_image_bytes: int = 20 * 1024 * 1024

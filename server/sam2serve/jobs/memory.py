@@ -128,15 +128,23 @@ class MemoryJobStore:
     def unfinished_here(self) -> list[str]:
         return [job.id for job in self._jobs.values() if not job.state.terminal]
 
+    def finished_here_since(self, since: float) -> list[str]:
+        recent = []
+        for job_id in reversed(self._finished):  # in the order they ended
+            if (self._jobs[job_id].finished_at or 0.0) < since:
+                break
+            recent.append(job_id)
+        return recent
+
     # -- workers -----------------------------------------------------------------------------------------------
-    async def claim(self, timeout_s: float) -> Claim | None:
+    async def claim(self, timeout_s: float, url: bool | None = None) -> Claim | None:
         try:
             async with asyncio.timeout(max(timeout_s, 0)):
-                while not self._pending:
+                while (job := self._next(url)) is None:
                     await self._changed.wait()
         except TimeoutError:
             return None
-        job = self._pending.popleft()
+        self._pending.remove(job)
         check_transition(job.id, job.state, JobState.IN_PROGRESS)
         job.state, job.started_at, job.progress = JobState.IN_PROGRESS, time.time(), 0.0
         job.claim = uuid.uuid4().hex
@@ -173,6 +181,9 @@ class MemoryJobStore:
         self._loop.call_soon_threadsafe(self._log_if_held, claim, message)
 
     # -- internals (event loop) --------------------------------------------------------------------------------
+    def _next(self, url: bool | None) -> _Job | None:
+        return next((job for job in self._pending if url is None or (job.request.image_kind == "url") == url), None)
+
     def _held(self, claim: Claim) -> _Job | None:
         job = self._jobs.get(claim.job_id)
         return job if job is not None and job.state is JobState.IN_PROGRESS and job.claim == claim.token else None

@@ -8,7 +8,9 @@ an unknown id. Without a `tenant` (this layer's own calls) they see every job.""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from ..admission import admit, admit_webhook
@@ -20,6 +22,7 @@ from .store import JobStore
 from .worker import Worker
 
 CANCEL_WAIT_S = 5.0  # how long an expired drain waits for running jobs to stop at their next batch
+ASKED_KEPT = 10_000  # ids whose outcome was asked for, remembered so that a drain need not wait for them
 
 
 class JobService:
@@ -33,6 +36,7 @@ class JobService:
         self._stopping = False  # calls cut from here on leave their jobs to the replicas that run them
         self._waiting_calls = 0
         self._unfetched: set[str] = set()  # while draining: jobs whose clients may still ask for the outcome
+        self._asked: collections.OrderedDict[str, None] = collections.OrderedDict()  # the latest ASKED_KEPT
         self._fetches_changed = asyncio.Event()
         self._calls_changed = asyncio.Condition()
 
@@ -94,6 +98,10 @@ class JobService:
             self._fetched(job_id)
 
     def _fetched(self, job_id: str) -> None:
+        self._asked[job_id] = None
+        self._asked.move_to_end(job_id)
+        if len(self._asked) > ASKED_KEPT:
+            self._asked.popitem(last=False)
         if job_id in self._unfetched:
             self._unfetched.discard(job_id)
             self._fetches_changed.set()
@@ -132,14 +140,16 @@ class JobService:
         """Refuse new jobs; within `timeout_s`, let the worker finish its jobs (in-process: the queued ones
         too), then let waiting calls whose jobs run elsewhere see them end. True if everything finished.
 
-        Jobs only this process knows of (in-process queue) then stay answerable: for up to `results_grace_s`
-        (within `timeout_s`), until the outcome of each was asked for (GetResult, or a GetStatus that saw it
-        fail). If time runs out first they are cancelled, so their clients see CANCELLED, not a vanished
-        server."""
+        Jobs only this process knows of (in-process queue), those unfinished at the start and those that
+        ended within `results_grace_s` before it, then stay answerable: for up to `results_grace_s` (within
+        `timeout_s`), until the outcome of each was asked for (GetResult, or a GetStatus that saw it fail).
+        If time runs out first the unfinished ones are cancelled, so their clients see CANCELLED, not a
+        vanished server."""
         self._accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        self._unfetched = set(self.store.unfinished_here())
+        recent = self.store.finished_here_since(time.time() - results_grace_s) if results_grace_s > 0 else []
+        self._unfetched = {*self.store.unfinished_here(), *(j for j in recent if j not in self._asked)}
         drained = await self.worker.drain(timeout_s)
         drained = await self._wait_for_waiting_calls(max(0.0, deadline - loop.time())) and drained
         if drained:

@@ -31,7 +31,8 @@ class FalAdapter:
     def __init__(self, app: App) -> None:
         config = app.config
         self.uploads: Uploads = (
-            RedisUploads(config.redis_url, config.redis_prefix, config.result_ttl_seconds) if config.redis_url
+            RedisUploads(config.redis_url, config.redis_prefix, config.result_ttl_seconds, config.result_store_bytes)
+            if config.redis_url
             else MemoryUploads(config.result_ttl_seconds, config.result_store_bytes))
         settings = FalSettings(RequestLimits.of(config), config.max_image_bytes, config.result_ttl_seconds,
                                config.keys(), config.public_url,

@@ -147,6 +147,7 @@ def test_shutdown_waits_for_prompt_calls_in_flight():
     from sam2serve.config import ServerConfig
     from sam2serve.errors import ShuttingDown
     from sam2serve.prompts import ImageSource, PromptWorkers
+    from sam2serve.webhooks import Webhooks
 
     async def main() -> None:
         segmenter = _HeldSegmenter()
@@ -154,7 +155,8 @@ def test_shutdown_waits_for_prompt_calls_in_flight():
         jobs = service(MemoryJobStore(), lambda r, c: outcome())
         await jobs.start()
         config = ServerConfig(drain_seconds=30, metrics_port=-1)
-        server = RunningServer(App(config, None, jobs, prompts, None), [])  # type: ignore[arg-type]
+        server = RunningServer(App(config, None, jobs, prompts, None, Webhooks(config.input_limits())),  # type: ignore[arg-type]
+                               [])
         call = asyncio.create_task(prompts.embed(ImageSource("bytes", b"picture")))
         assert await asyncio.get_running_loop().run_in_executor(None, segmenter.started.wait, 10)
         stopping = asyncio.create_task(server.shutdown())

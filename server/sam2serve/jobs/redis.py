@@ -26,6 +26,12 @@ and fail if that happens again, so a request that kills replicas cannot kill the
 own running list that it is not running (a reply lost to a network error) are handed back by that replica.
 The keys of a finished job expire after result_ttl_s.
 
+Faults: a command whose connection broke (Redis restarted) reconnects and runs again (redis-py's Retry), so
+every script is safe to run twice: Submit finds the job it made, a claim its token, a finish its nonce. The
+heartbeat tells whether Redis answers (`reachable`: health follows it). Status watchers share one pub/sub
+connection per replica (`redis_events.JobEvents`). What survives a restart of Redis is what its persistence
+keeps (README, "Redis: outages, restarts and persistence").
+
 Redis Streams (XREADGROUP / XAUTOCLAIM) were weighed against these lists: they would replace the running
 lists and the reaping, but not the fencing (XACK does not check who acks), a bound on waiting jobs, queue
 positions, or putting a lost job back at the front as IN_QUEUE; so the lists stay.

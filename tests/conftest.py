@@ -56,16 +56,30 @@ def shared_image(name: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory: pytest.TempPathFactory):
-    """(engine dir, torch model) of an untrained sam2.1_hiera_tiny with seed 0."""
+def tiny_export(tmp_path_factory: pytest.TempPathFactory, worker_id: str):
+    """(engine dir, torch model) of an untrained sam2.1_hiera_tiny with seed 0.
+
+    Under pytest-xdist the workers share one export (a file lock; the first one builds it): exporting is the
+    longest fixture of the suite, and the untrained model is deterministic, so the others only rebuild the
+    torch model from the seed (the parity tests would fail if it differed from the engines')."""
     require(HAVE_EXPORT_TOOLS, EXPORT_TOOLS)
     from sam2serve_export.build import build_engines
     from sam2serve_export.models import get_model_spec
-    from sam2serve_export.weights import WeightsChoice
+    from sam2serve_export.weights import WeightsChoice, load_model
 
-    out = tmp_path_factory.mktemp("engines") / TINY
-    _, model = build_engines(get_model_spec(TINY), out, WeightsChoice(untrained_seed=SEED), progress=False)
-    return out, model
+    spec, weights = get_model_spec(TINY), WeightsChoice(untrained_seed=SEED)
+    if worker_id == "master":  # not under xdist
+        out = tmp_path_factory.mktemp("engines") / TINY
+        return out, build_engines(spec, out, weights, progress=False)[1]
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "shared-engines"  # common to this run's workers
+    shared.mkdir(exist_ok=True)
+    out = shared / TINY
+    with FileLock(str(shared / "export.lock")):
+        if not (out / "manifest.json").is_file():
+            return out, build_engines(spec, out, weights, progress=False)[1]
+    return out, load_model(spec, weights, progress=False)[0]
 
 
 @pytest.fixture(scope="session")

@@ -216,6 +216,27 @@ def test_connected_components_match_sam2_cuda_kernel():
         np.testing.assert_array_equal(ours, data[f"{name}_areas"])
 
 
+def test_the_reference_cleanup_runs_no_code_of_ours(monkeypatch):
+    """Meta's side of the parity harness takes its connected components from scipy.ndimage (matching the
+    CUDA kernel's recorded output), never from sam2serve: before, it called our `component_areas`, so the
+    low-res cleanup was compared with itself."""
+    import torch
+
+    import sam2serve.amg.masks
+    from sam2serve_export import reference
+
+    def ours(*args: object) -> None:
+        raise AssertionError("the reference called sam2serve's component_areas")
+
+    monkeypatch.setattr(sam2serve.amg.masks, "component_areas", ours)
+    monkeypatch.setattr(reference, "component_areas", ours, raising=False)
+    data = np.load(FIXTURE)
+    masks = np.unpackbits(data["masks_packed"], axis=-1)[..., : int(data["shape"][-1])]
+    for name, binary in (("foreground", masks), ("background", 1 - masks)):
+        _, areas = reference.cpu_connected_components(torch.from_numpy(binary[:, None].astype(np.uint8)))
+        np.testing.assert_array_equal(areas[:, 0].numpy(), data[f"{name}_areas"])
+
+
 @pytest.mark.parametrize("max_area", [0, 4, 30, 100])
 def test_low_res_cleanup_matches_sam2_postprocess(max_area):
     import torch

@@ -106,3 +106,64 @@ async def _kept(store: MemoryJobStore, job_id: str) -> bool:
         return True
     except JobNotFound:
         return False
+
+
+def test_results_of_jobs_that_ended_just_before_the_drain_stay_fetchable():
+    """Before, only jobs unfinished at SIGTERM were waited for: a job that completed a moment earlier, its
+    result not yet fetched, was lost with the process."""
+
+    async def main() -> None:
+        jobs = service(MemoryJobStore(), lambda r, c: outcome())
+        await jobs.start()
+        fetched, unfetched = await jobs.submit(request()), await jobs.submit(request())
+        for job in (fetched, unfetched):
+            assert (await jobs.wait(job.id)).state is JobState.COMPLETED
+        await jobs.result(fetched.id)
+        drain = asyncio.create_task(jobs.drain(30, results_grace_s=20))
+        done, _ = await asyncio.wait({drain}, timeout=0.3)
+        assert not done  # `unfetched` ended before the drain, but nobody has its result yet
+        assert (await jobs.result(unfetched.id)).id == unfetched.id
+        assert await asyncio.wait_for(drain, 5)
+        await jobs.close()
+
+    asyncio.run(main())
+
+
+class _HeldSegmenter:
+    """A segmenter whose calls run until `release` is set."""
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def embed(self, source: object) -> str:
+        self.started.set()
+        self.release.wait(30)
+        return "masks"
+
+
+def test_shutdown_waits_for_prompt_calls_in_flight():
+    """Before, the shutdown drained only the job queue and then cut the prompt calls still running."""
+    from sam2serve.app import App, RunningServer
+    from sam2serve.config import ServerConfig
+    from sam2serve.errors import ShuttingDown
+    from sam2serve.prompts import ImageSource, PromptWorkers
+
+    async def main() -> None:
+        segmenter = _HeldSegmenter()
+        prompts = PromptWorkers(segmenter, workers=1)  # type: ignore[arg-type]
+        jobs = service(MemoryJobStore(), lambda r, c: outcome())
+        await jobs.start()
+        config = ServerConfig(drain_seconds=30, metrics_port=-1)
+        server = RunningServer(App(config, None, jobs, prompts, None), [])  # type: ignore[arg-type]
+        call = asyncio.create_task(prompts.embed(ImageSource("bytes", b"picture")))
+        assert await asyncio.get_running_loop().run_in_executor(None, segmenter.started.wait, 10)
+        stopping = asyncio.create_task(server.shutdown())
+        done, _ = await asyncio.wait({stopping}, timeout=0.3)
+        assert not done  # the call is still running
+        with pytest.raises(ShuttingDown):
+            await prompts.embed(ImageSource("bytes", b"picture"))
+        segmenter.release.set()
+        assert await asyncio.wait_for(call, 10) == "masks"
+        assert await asyncio.wait_for(stopping, 10)
+
+    asyncio.run(main())

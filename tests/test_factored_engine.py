@@ -12,7 +12,13 @@ import pytest
 
 from conftest import needs_export_tools
 from sam2serve.engines.base import ImageFeatures
-from sam2serve.engines.factored import batch_for_memory, check_factored_graphs
+from sam2serve.engines.factored import (
+    CPU_PROMPT_HEAD_BATCH,
+    DEFAULT_DECODER_MEMORY,
+    PROMPT_HEAD_BYTES_PER_PROMPT,
+    batch_for_memory,
+    check_factored_graphs,
+)
 from sam2serve.engines.manifest import ManifestError
 from sam2serve.engines.onnx_engine import OnnxEngine
 
@@ -64,6 +70,22 @@ def test_heads_batch_by_memory_with_the_same_results(tiny_engine_dir, engine):
     for a, b in zip(one_by_one, batched, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
     assert batch_for_memory(10 << 20, 1 << 20) == 10 and batch_for_memory(1 << 40, 1) == 64
+
+
+def test_prompt_head_batch_is_bounded_on_cpus_with_the_same_results(tiny_engine_dir, engine):
+    """The CPU provider takes cache-sized prompt-head batches by default; an explicit bound wins; results do not
+    depend on it."""
+    by_memory = batch_for_memory(DEFAULT_DECODER_MEMORY, PROMPT_HEAD_BYTES_PER_PROMPT)
+    assert engine.factored.prompt_batch == min(CPU_PROMPT_HEAD_BATCH, by_memory)
+    three = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, prompt_head_batch=3)
+    assert three.factored.prompt_batch == 3
+    features = _features(6)
+    coords, labels = _prompts(7, 7)
+    iou_three, state_three = three.factored.prompt_head(features, coords, labels)
+    iou, state = engine.factored.prompt_head(features, coords, labels)
+    np.testing.assert_allclose(iou_three, iou, rtol=0, atol=1e-5 * np.abs(iou).max())
+    for name in state:
+        np.testing.assert_allclose(state_three[name], state[name], rtol=0, atol=1e-5 * np.abs(state[name]).max())
 
 
 def test_directory_exported_before_the_factored_decoder_still_serves(tiny_engine_dir, tmp_path, caplog):

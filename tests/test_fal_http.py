@@ -109,6 +109,19 @@ def test_bad_input_is_a_422_in_fals_shape(http, body, field, message):
     assert detail["type"] == "value_error" and detail["url"].startswith("https://docs.fal.ai/errors")
 
 
+@pytest.mark.parametrize(("hook", "message"), [
+    ("http://127.0.0.1:9/hook", "webhook_url points at 127.0.0.1, a loopback address"),
+    ("http://169.254.169.254/hook", "webhook_url points at 169.254.169.254, a cloud metadata address"),
+    ("http://192.168.1.20/hook", "a private address"),
+    ("gopher://example.com/hook", "webhook_url must be an http or https URL"),
+])
+def test_a_fal_webhook_the_address_rules_refuse_is_a_422_at_submit(http, hook, message):
+    response = http.post(f"/queue/{APP}", params={"fal_webhook": hook}, json={"image_url": data_uri(), **QUICK})
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert detail["loc"] == ["query", "fal_webhook"] and message in detail["msg"]
+
+
 def test_unreadable_bodies_and_other_apps(http, short_lived):
     broken = http.post(f"/queue/{APP}", content=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status_code == 422 and "not valid JSON" in broken.json()["detail"][0]["msg"]

@@ -29,3 +29,25 @@ def test_only_an_issued_empty_token_is_expected(kind: str, request: pytest.Fixtu
             await uploads.close()
 
     asyncio.run(scenario())
+
+
+@needs_redis
+def test_the_redis_upload_store_refuses_what_passes_its_byte_budget(redis_url: str):
+    """Before, the Redis store had no byte budget: uploads filled Redis until the TTL ran out."""
+    from sam2serve.errors import Overloaded
+
+    async def scenario() -> None:
+        uploads = RedisUploads(redis_url, "budget-uploads:", ttl_s=60, max_bytes=10)
+        other = RedisUploads(redis_url, "budget-uploads:", ttl_s=60, max_bytes=10)  # another replica
+        try:
+            assert await uploads.put(await uploads.issue(), b"123456")
+            refused = await other.issue()
+            with pytest.raises(Overloaded, match="holds 6 bytes; 6 bytes more would pass its budget of 10 bytes"):
+                await other.put(refused, b"abcdef")
+            assert await other.expects(refused)  # still empty: a smaller upload may take it
+            assert await other.put(refused, b"abcd")
+        finally:
+            await uploads.close()
+            await other.close()
+
+    asyncio.run(scenario())

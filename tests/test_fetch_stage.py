@@ -7,7 +7,7 @@ import asyncio
 import threading
 
 from jobfakes import outcome, request, url_request
-from sam2serve.domain import JobControl, SegmentOutcome, SegmentRequest
+from sam2serve.domain import Cancelled, JobControl, SegmentOutcome, SegmentRequest
 from sam2serve.errors import JobTimedOut
 from sam2serve.jobs import JobService, Worker
 from sam2serve.jobs.memory import MemoryJobStore
@@ -93,8 +93,10 @@ def test_the_time_limit_covers_the_fetch_stage():
     run(body, time_limit_s=0.5)
 
 
-def test_the_fetch_stage_is_bounded():
-    """With one fetch slot taken by a hanging URL, a second URL job waits for it (claimed, not fetching)."""
+def test_a_full_fetch_stage_leaves_url_jobs_queued_and_runs_the_others():
+    """With the one fetch slot taken by a hanging URL, the next URL job stays queued (not claimed) and a job
+    behind it whose image came with the request runs. Before, a worker claimed the URL job and waited for
+    fetch room, so the job behind it waited too."""
 
     async def body(jobs: JobService, runner: HangingUrls) -> None:
         first = await jobs.submit(url_request())
@@ -102,10 +104,59 @@ def test_the_fetch_stage_is_bounded():
         runner.fetching.clear()
         second = await jobs.submit(url_request())
         third = await jobs.submit(request())
-        assert not await asyncio.get_running_loop().run_in_executor(None, runner.fetching.wait, 0.5)
-        assert (await jobs.status(third.id)).state is JobState.IN_QUEUE  # the stage's bound holds the line
+        assert (await asyncio.wait_for(jobs.wait(third.id), 10)).state is JobState.COMPLETED
+        assert not runner.fetching.is_set() and runner.computed == ["bytes"]
+        assert (await jobs.status(second.id)).state is JobState.IN_QUEUE  # waits for the stage, unclaimed
+        assert (await jobs.status(first.id)).state is JobState.IN_PROGRESS
         runner.release.set()
-        for job in (first, second, third):
+        for job in (first, second):
             assert (await asyncio.wait_for(jobs.wait(job.id), 10)).state is JobState.COMPLETED
+        assert runner.computed == ["bytes", "url", "url"]
 
     run(body, fetchers=1)
+
+
+class BusyWorker:
+    """A runner whose first job holds the one compute worker until `release`; the time limit is checked
+    in every later job's compute, as the generator checks it at each decoder batch."""
+
+    def __init__(self) -> None:
+        self.release, self.busy, self.fetched = threading.Event(), threading.Event(), threading.Event()
+
+    def fetch(self, request: SegmentRequest, control: JobControl) -> str:
+        if request.image_kind == "url":
+            self.fetched.set()
+        return request.image_kind
+
+    def compute(self, request: SegmentRequest, fetched: str, control: JobControl) -> SegmentOutcome:
+        if fetched == "bytes":
+            self.busy.set()
+            self.release.wait(HANG_S)
+        elif control.should_stop():
+            raise Cancelled()
+        return outcome()
+
+
+def test_the_time_limit_does_not_count_the_wait_for_a_compute_worker():
+    """A URL job fetched at once, then waiting longer than the limit for the busy worker, still runs: the
+    limit is the job's own run time (fetch and compute). Before, its clock ran from the claim."""
+
+    async def main() -> None:
+        runner, store = BusyWorker(), MemoryJobStore()
+        jobs = JobService(store, Worker(store, runner, workers=1, time_limit_s=0.5, fetchers=1))
+        await jobs.start()
+        loop = asyncio.get_running_loop()
+        try:
+            busy = await jobs.submit(request())
+            assert await loop.run_in_executor(None, runner.busy.wait, HANG_S)
+            waiting = await jobs.submit(url_request())
+            assert await loop.run_in_executor(None, runner.fetched.wait, HANG_S)
+            await asyncio.sleep(1.0)  # time passing is what is tested: twice the limit, waiting for compute
+            runner.release.set()
+            assert (await asyncio.wait_for(jobs.wait(busy.id), 10)).state is JobState.COMPLETED
+            assert (await asyncio.wait_for(jobs.wait(waiting.id), 10)).state is JobState.COMPLETED
+        finally:
+            runner.release.set()
+            await jobs.close()
+
+    asyncio.run(main())

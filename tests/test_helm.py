@@ -557,6 +557,19 @@ def test_chart_managed_api_key_secret(chart):
     kv_utils.validate(secret, KUBE_VERSION, strict=True)
 
 
+def test_tenant_keys_and_the_webhook_secret_come_from_existing_secrets(chart):
+    objects = render(chart, {"server": {"apiKeys": {"existingSecret": "tenants"},
+                                        "webhookSecret": {"existingSecret": "hooks", "secretKey": "hmac"}}})
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["SAM2SERVE_API_KEYS"]["valueFrom"]["secretKeyRef"] == {"name": "tenants", "key": "api-keys"}
+    assert env["SAM2SERVE_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "hooks", "key": "hmac"}
+    assert not [k for k in objects if k[0] == "Secret"]  # the chart never holds these values itself
+    for obj in objects.values():
+        validate_object(obj)
+    plain = {e["name"] for e in container(render(chart, {})).get("env", [])}
+    assert not plain & {"SAM2SERVE_API_KEYS", "SAM2SERVE_WEBHOOK_SECRET"}
+
+
 def test_shared_queue_url_comes_from_a_secret(chart):
     objects = render(chart, {"server": {"redis": {"url": "redis://:pw@redis:6379/0"}}})
     secret = objects[("Secret", f"{FULLNAME}-redis")]
@@ -574,6 +587,29 @@ def test_shared_queue_url_comes_from_a_secret(chart):
     plain = render(chart, {})
     assert "SAM2SERVE_REDIS_PREFIX" not in plain[("ConfigMap", FULLNAME)]["data"]
     assert "SAM2SERVE_REDIS_URL" not in {e["name"] for e in container(plain).get("env", [])}
+
+
+def test_metrics_token_comes_from_a_secret_and_the_servicemonitor_sends_it(chart):
+    """Before, the chart had no way to set SAM2SERVE_METRICS_TOKEN from a Secret, though the metrics port
+    listens on every pod address."""
+    monitor = {"serviceMonitor": {"enabled": True}}
+    objects = render(chart, {"metrics": {"token": {"existingSecret": "scrape", "secretKey": "t"}, **monitor}})
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["SAM2SERVE_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "scrape", "key": "t"}
+    endpoint = objects[("ServiceMonitor", FULLNAME)]["spec"]["endpoints"][0]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "scrape", "key": "t"}}
+    assert not [k for k in objects if k[0] == "Secret"]
+
+    objects = render(chart, {"metrics": {"token": {"value": "s3cret"}, **monitor}})
+    secret = objects[("Secret", f"{FULLNAME}-metrics-token")]
+    assert secret["data"] == {"metrics-token": "czNjcmV0"}
+    kv_utils.validate(secret, KUBE_VERSION, strict=True)
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["SAM2SERVE_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": f"{FULLNAME}-metrics-token",
+                                                                            "key": "metrics-token"}
+    plain = render(chart, {"metrics": monitor})
+    assert "SAM2SERVE_METRICS_TOKEN" not in {e["name"] for e in container(plain).get("env", [])}
+    assert "authorization" not in plain[("ServiceMonitor", FULLNAME)]["spec"]["endpoints"][0]
 
 
 def test_fal_http_api_behind_a_switch(chart):

@@ -23,6 +23,16 @@ pytestmark = needs_export_tools
 EMBEDDING_BYTES = (256 * 64 * 64 + 32 * 256 * 256 + 64 * 128 * 128) * 4  # ≈ 16.8 MB per image
 
 
+def cached_bytes_per_image(engine) -> int:
+    """What the cache counts per image: the features, and the factored decoder's context of them (≈ 45 MB)."""
+    from sam2serve.preprocess import to_model_input
+
+    m = engine.manifest
+    features = engine.encode(to_model_input(np.zeros((8, 8, 3), np.uint8), m.image_size, m.pixel_mean, m.pixel_std))
+    context = engine.factored.context(features) if engine.factored is not None else {}
+    return EMBEDDING_BYTES + sum(int(t.nbytes) for t in context.values())
+
+
 class PromptServer(ServerThread):
     def __init__(self, config: ServerConfig, engine: object) -> None:
         super().__init__(config, engine)
@@ -177,7 +187,7 @@ def test_limits_health_and_metrics_are_published(server):
 
 def test_eviction_under_the_byte_budget_makes_old_ids_not_found(tiny_engine):
     # room for one embedding and a few mask entries (256 KiB each), not two embeddings
-    budget_mb = (EMBEDDING_BYTES + 4 * 3 * 256 * 256 * 4) // (1024 * 1024) + 1
+    budget_mb = (cached_bytes_per_image(tiny_engine) + 4 * 3 * 256 * 256 * 4) // (1024 * 1024) + 1
     s = PromptServer(ServerConfig(embedding_cache_mb=budget_mb), tiny_engine)
     try:
         first = s.prompts.EmbedImage(pb.EmbedImageRequest(image_bytes=png_bytes(seed=1)), timeout=120)

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from sam2serve.errors import InvalidInput, QueueFull, ShuttingDown
+from sam2serve.errors import ImageFetchError, InvalidInput, QueueFull, ShuttingDown
 from sam2serve.inputs import InputLimits, load_image
 from sam2serve.outputs import encode_image
 from sam2serve.prompts import (
@@ -207,6 +207,8 @@ def test_webp_masks_are_lossless():
 class BlockingSegmenter:
     """Stands in for PromptSegmenter: each call waits until the test lets it go."""
 
+    limits, input_limits = PromptLimits(), InputLimits()
+
     def __init__(self) -> None:
         self.started = threading.Semaphore(0)
         self.release = threading.Event()
@@ -290,7 +292,7 @@ def test_fals_image_is_the_union_of_best_masks_or_the_photo_with_it_applied():
     left[2:8, 2:8], right[10:15, 20:25], ignored[:, :] = True, True, True
 
     def mask(m: np.ndarray, score: float) -> PredictedMask:
-        return PredictedMask(0, score, m, int(m.sum()), [], "")
+        return PredictedMask(0, score, lambda: m, int(m.sum()), [], "")
 
     outcome = PromptOutcome(EmbeddedImage("0" * 64, 30, 20, True, rgb), [
         PromptSetResult([mask(ignored, 0.1), mask(left, 0.9)]), PromptSetResult([mask(right, 0.5)])])
@@ -305,3 +307,88 @@ def test_fals_image_is_the_union_of_best_masks_or_the_photo_with_it_applied():
     jpeg = output_image(outcome, ImageOptions(apply_mask=True, output_format="jpeg"))
     bgr = cv2.imdecode(np.frombuffer(jpeg.data, np.uint8), cv2.IMREAD_COLOR)
     assert bgr[0, 0].max() < 30 and bgr[4, 4].min() > 170  # black outside, the photo inside
+
+
+class _FactoredEngine:
+    """An engine whose factored decoder keeps a context per image 3x the size of its features, as the real
+    one does (≈ 45 MB beside 17 MB)."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.manifest = SimpleNamespace(model="fake", weights=SimpleNamespace(origin="untrained", sha256="", seed=0),
+                                        image_size=16, pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0))
+        self.factored = self
+
+    def encode(self, image: np.ndarray):
+        from sam2serve.engines.base import ImageFeatures
+
+        return ImageFeatures(np.zeros((1, 4, 4, 4), np.float32), np.zeros((1, 2, 8, 8), np.float32),
+                             np.zeros((1, 4, 4, 4), np.float32))  # 1 KiB in all
+
+    def context(self, features) -> dict[str, np.ndarray]:
+        return {"ca1_keys": np.zeros(512, np.float32), "dc2_bias": np.zeros(256, np.float32)}  # 3 KiB
+
+
+def test_the_embedding_cache_counts_the_decoder_context_it_keeps_alive():
+    """Before, an embedding counted its features only (17 MB) while the factored decoder's context of those
+    features (≈ 45 MB) lived as long: a 512 MB budget held ≈ 1.9 GB."""
+    from sam2serve.prompts.segmenter import PromptSegmenter
+
+    cache: ByteBudgetLRU = ByteBudgetLRU(6 * 1024)  # room for one image with its context, not two
+    segmenter = PromptSegmenter(_FactoredEngine(), cache, InputLimits())  # type: ignore[arg-type]
+    pictures = [cv2.imencode(".png", np.full((8, 8, 3), v, np.uint8))[1].tobytes() for v in (10, 200)]
+    for picture in pictures:
+        segmenter.embed(ImageSource("image_bytes", picture))
+    assert len(cache) == 1 and cache.nbytes == 4 * 1024
+
+
+def test_a_hanging_image_url_waits_in_the_fetch_stage_not_on_the_prompt_worker():
+    """Before, a prompt call's image_url was downloaded on its prompt worker: with one worker, a hanging
+    upstream held every call behind it for the fetch timeout."""
+    import socket
+
+    from sam2serve.jobs import Worker
+    from sam2serve.jobs.memory import MemoryJobStore
+    from sam2serve.prompts.segmenter import PromptSegmenter
+
+    async def main() -> None:
+        hanging = socket.socket()  # accepts connections into its backlog and never answers
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(8)
+        stage = Worker(MemoryJobStore(), None, workers=0, fetchers=2)  # type: ignore[arg-type]
+        segmenter = PromptSegmenter(_FactoredEngine(), ByteBudgetLRU(1 << 20),  # type: ignore[arg-type]
+                                    InputLimits(allow_private_networks=True))
+        workers = PromptWorkers(segmenter, workers=1, fetch_stage=stage)
+        try:
+            url = f"http://127.0.0.1:{hanging.getsockname()[1]}/photo.png"
+            slow = asyncio.create_task(workers.embed(ImageSource("url", url)))
+            picture = cv2.imencode(".png", np.full((8, 8, 3), 7, np.uint8))[1].tobytes()
+            embedded = await asyncio.wait_for(workers.embed(ImageSource("bytes", picture)), 10)
+            assert embedded.width == 8 and not slow.done()
+        finally:
+            hanging.close()  # the download fails at once
+            with pytest.raises(ImageFetchError):
+                await asyncio.wait_for(slow, 30)
+            workers.close()
+            await stage.close()
+
+    asyncio.run(main())
+
+
+def test_prompt_results_keep_no_full_resolution_mask():
+    """Before, every mask of every prompt set kept its full-resolution array until the reply was sent: 16
+    boxes x 3 masks at 40 MP were 1.9 GB. Now a result keeps its low-res logits and makes the mask on call."""
+    from sam2serve.amg.masks import upsample_logits
+    from sam2serve.prompts import MaskOutputs
+    from sam2serve.prompts.render import render_masks
+
+    logits = np.random.default_rng(0).normal(size=(3, 256, 256)).astype(np.float32)
+    hw = (1200, 1600)
+    masks = render_masks(logits, np.array([0.5, 0.9, 0.7]), hw, 0.0, MaskOutputs(rle=True),
+                         ["a.0", "a.1", "a.2"], "mask", {})
+    for k, result in enumerate(masks):
+        held = [v for v in vars(result).values() if isinstance(v, np.ndarray)]
+        assert not any(a.size >= hw[0] * hw[1] for a in held)
+        np.testing.assert_array_equal(result.mask(), upsample_logits(logits[k], hw) > 0.0)
+        assert result.area == int(result.mask().sum()) and result.rle is not None

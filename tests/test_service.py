@@ -228,6 +228,28 @@ def test_bad_inputs_are_invalid_argument_and_the_server_stays_up(server, request
     _assert_serving(server)
 
 
+REFUSED_WEBHOOKS = [
+    ("http://127.0.0.1:9/done", "webhook_url points at 127.0.0.1, a loopback address"),
+    ("http://localhost:9/done", "webhook_url: host 'localhost' resolves to a loopback address"),
+    ("http://10.1.2.3/done", "webhook_url points at 10.1.2.3, a private address"),
+    ("http://[fe80::1]/done", "webhook_url points at fe80::1, a link-local address"),
+    ("http://169.254.169.254/latest", "webhook_url points at 169.254.169.254, a cloud metadata address"),
+    ("http://metadata.google.internal/x", "'metadata.google.internal' is a cloud metadata endpoint"),
+    ("file:///etc/passwd", "webhook_url must be an http or https URL"),
+]
+
+
+@pytest.mark.parametrize(("url", "fragment"), REFUSED_WEBHOOKS, ids=[u for u, _ in REFUSED_WEBHOOKS])
+def test_webhook_urls_the_address_rules_refuse_are_invalid_argument_at_submit(server, url, fragment):
+    """image_url's rules, applied when the request comes: before, Submit took them and the job's end only logged
+    the refusal."""
+    with pytest.raises(grpc.RpcError) as info:
+        server.stub.Submit(quick_request(webhook_url=url), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert fragment in info.value.details()
+    _assert_serving(server)
+
+
 @pytest.mark.parametrize(("method", "streaming", "message_type"), [
     ("GetInfo", False, "sam2serve.v1.GetInfoRequest"), ("Submit", False, "sam2serve.v1.AutoSegmentRequest"),
     ("WatchStatus", True, "sam2serve.v1.StatusRequest"), ("Subscribe", True, "sam2serve.v1.AutoSegmentRequest")])

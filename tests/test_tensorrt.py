@@ -20,6 +20,7 @@ from sam2serve.engines.trt_engine import (
     current_gpu,
     gpu_from_nvidia_smi_line,
     plan_key_for,
+    shared_max_batch,
 )
 from sam2serve_export.errors import MissingDependencyError
 from sam2serve_export.trt_build import build_trt_engines
@@ -288,3 +289,15 @@ def test_plans_from_an_older_export_are_refused(trt_engine_dir: Path) -> None:
             TensorRTEngine(trt_engine_dir, warmup=False)
     finally:
         path.write_text(original)
+
+
+def test_the_factored_decoders_batch_is_bounded_by_every_plan_it_runs():
+    """Before, the batch came from the prompt head's profile alone: a mask head or decoder plan built with a
+    smaller profile got batches beyond it (a TensorRT shape error at run time)."""
+    shapes = {("prompt_head", "point_coords"): (64, 8, 2), ("prompt_head", "point_labels"): (64, 8),
+              ("mask_head", "mask_queries"): (16, 4, 256), ("mask_head", "coeffs"): (16, 48, 4096),
+              ("decoder", "point_coords"): (32, 8, 2)}
+    assert shared_max_batch(shapes) == 16
+    assert shared_max_batch({**shapes, ("decoder", "point_coords"): (8, 8, 2)}) == 8
+    with pytest.raises(ValueError):
+        shared_max_batch({})

@@ -24,6 +24,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=Path("checkpoints"))
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: all cores)")
     p.add_argument("--max-decoder-batch", type=int, default=8)
+    p.add_argument("--head-workers", type=int, default=1,
+                   help="factored heads' batches run this many at a time, one thread each (1: intra-op threads)")
+    p.add_argument("--prompt-head-batch", type=int, help="prompt-head batch (default: the engine's choice)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--json", action="store_true")
     add_generator_flags(p)
@@ -34,12 +37,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _run_ours(engines: str, image_path: str, params: GeneratorParams, threads: int, batch: int) -> dict[str, Any]:
+def _run_ours(engines: str, image_path: str, params: GeneratorParams, threads: int, batch: int,
+              head_workers: int = 1, prompt_head_batch: int | None = None) -> dict[str, Any]:
     from sam2serve.amg import AutoMaskGenerator
     from sam2serve.engines.onnx_engine import OnnxEngine
     from sam2serve.images import read_rgb
 
-    engine = OnnxEngine(engines, providers=["CPUExecutionProvider"], intra_op_threads=threads)
+    engine = OnnxEngine(engines, providers=["CPUExecutionProvider"], intra_op_threads=threads,
+                        head_workers=head_workers, prompt_head_batch=prompt_head_batch)
     warm = engine.factored.stats.as_dict() if engine.factored is not None else None
     start = time.perf_counter()
     image = read_rgb(image_path)
@@ -82,7 +87,8 @@ def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     params = params_from_args(args)
-    ours = _in_child(_run_ours, str(args.engines), str(args.image), params, args.threads, args.max_decoder_batch)
+    ours = _in_child(_run_ours, str(args.engines), str(args.image), params, args.threads, args.max_decoder_batch,
+                     args.head_workers, args.prompt_head_batch)
     ref = None if args.skip_reference else _in_child(
         _run_reference, str(args.engines), str(args.image), params, args.threads,
         str(args.checkpoint) if args.checkpoint else None, str(args.cache_dir))

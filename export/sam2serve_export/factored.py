@@ -34,13 +34,13 @@ from torch import nn
 CONTEXT_NAMES = (
     "ca1_keys", "ca1_values", "cb1_queries", "cb1_cross", "image_sq_norm",
     "ca2_keys_img", "ca2_keys_pe", "ca2_values_img", "cb2_queries_img", "cb2_queries_pe",
-    "ln2_cross_1", "ln2_cross_2", "ln2_vectors",
+    "ln2_cross", "ln2_vectors",
     "final_keys_img", "final_keys_pe", "final_values_img",
     "dc1_img", "dc1_bias", "dc2_bias",
 )
 PROMPT_STATE_NAMES = ("mask_queries", "coeffs", "inv_std", "mix")
-PROMPT_HEAD_CONTEXT = CONTEXT_NAMES[:16]  # layers 1-2 and the final attention
-MASK_HEAD_CONTEXT = CONTEXT_NAMES[13:]  # the final attention and the upscaling
+PROMPT_HEAD_CONTEXT = CONTEXT_NAMES[:15]  # layers 1-2 and the final attention
+MASK_HEAD_CONTEXT = CONTEXT_NAMES[12:]  # the final attention and the upscaling
 
 
 def _heads_t(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -59,6 +59,19 @@ def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
     """[B, T, H·d] → [B, H, T, d]."""
     b, t, c = x.shape
     return x.reshape(b, t, heads, c // heads).transpose(1, 2)
+
+
+def _by_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, H·d] → [H, B·T, d]: every prompt's queries of a head against that head's image-side operand in one
+    product (ONNX Runtime then packs the shared operand once per batch, not once per prompt)."""
+    b, t, c = x.shape
+    return x.reshape(b, t, heads, c // heads).permute(2, 0, 1, 3).reshape(heads, b * t, c // heads)
+
+
+def _from_heads(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """[H, B·T, d] → [B, T, H·d]."""
+    h, bt, d = x.shape
+    return x.reshape(h, batch, bt // batch, d).permute(1, 2, 0, 3).reshape(batch, bt // batch, h * d)
 
 
 def _merge(x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +146,9 @@ class DecoderContext(nn.Module):
         cb2_queries_pe = _heads_t(cb2.q_proj(pos + b1) * _scale(cb2), heads)
 
         w = _center(gy)  # centred image part of layer 2's norm4 input (times σ1)
-        ln2_cross_1 = _heads_t((w * g1) @ cb1.out_proj.weight, heads)
-        ln2_cross_2 = _heads_t(w @ cb2.out_proj.weight, heads)
+        # [2, H, d, N]: one product with the stacked values of both layers gives the cross terms of all 2HT rows
+        ln2_cross = torch.stack([_heads_t((w * g1) @ cb1.out_proj.weight, heads),
+                                 _heads_t(w @ cb2.out_proj.weight, heads)])
         ln2_vectors = torch.stack([(w * w).sum(-1), w @ (b1 + cb2.out_proj.bias), w @ g1])  # ‖w‖², w·const, w·γ1
 
         g2, b2 = l2.norm4.weight, l2.norm4.bias
@@ -155,7 +169,7 @@ class DecoderContext(nn.Module):
         dc2_bias = f0.reshape(side * side * 4, 4 * (c // 8)) + dc2.bias.repeat(4)
         return (ca1_keys, ca1_values, cb1_queries, cb1_cross, image_sq_norm,
                 ca2_keys_img, ca2_keys_pe, ca2_values_img, cb2_queries_img, cb2_queries_pe,
-                ln2_cross_1, ln2_cross_2, ln2_vectors,
+                ln2_cross, ln2_vectors,
                 final_keys_img, final_keys_pe, final_values_img,
                 dc1_img, dc1_bias, dc2_bias)
 
@@ -191,7 +205,7 @@ class FactoredTransformer(nn.Module):
         `trace` (tests) receives the intermediate quantities each identity produces."""
         (ca1_keys, ca1_values, cb1_queries, cb1_cross, image_sq_norm,
          ca2_keys_img, ca2_keys_pe, ca2_values_img, cb2_queries_img, cb2_queries_pe,
-         ln2_cross_1, ln2_cross_2, ln2_vectors) = ctx[:13]
+         ln2_cross, ln2_vectors) = ctx[:12]
         md = self.md
         tr = md.transformer
         l1, l2 = tr.layers[0], tr.layers[1]
@@ -203,12 +217,13 @@ class FactoredTransformer(nn.Module):
         n = image_sq_norm.shape[-1]
         ht = heads * t
 
-        # Layer 1: self-attention without PE, token→image attention on precomputed keys/values.
+        # Layer 1: self-attention without PE, token→image attention on precomputed keys/values (heads outermost:
+        # nothing per prompt is needed beyond the attention output).
         queries = l1.norm1(l1.self_attn(q=tokens, k=tokens, v=tokens))
         ca1 = l1.cross_attn_token_to_image
-        q = _split(ca1.q_proj(queries + tokens) * _scale(ca1), heads)  # [B, H, T, d]
-        attn = torch.softmax(q @ ca1_keys, dim=-1)  # [B, H, T, N]
-        queries = l1.norm2(queries + ca1.out_proj(_merge(attn @ ca1_values)))
+        q = _by_head(ca1.q_proj(queries + tokens) * _scale(ca1), heads)  # [H, B·T, d]
+        attn = torch.softmax(q @ ca1_keys, dim=-1)  # [H, B·T, N]
+        queries = l1.norm2(queries + ca1.out_proj(_from_heads(attn @ ca1_values, b)))
         queries = l1.norm3(queries + l1.mlp(queries))
 
         # Layer 1 image→token: attention over tokens per position, a rank-HT update of the image tokens.
@@ -265,13 +280,14 @@ class FactoredTransformer(nn.Module):
         # ‖input‖² = inv1²‖w‖² + 2 inv1 Σ coeffs·(mix w) + coeffsᵀ G coeffs with G = mix mixᵀ, the quadratic form
         # from G's upper block triangle. w is centred, so mix·w = m·w: for the gm1 rows v1·(W_o^T(γ1 w)) - mean(m1)
         # (γ1·w), for the m2 rows v2·(W_o^T w), plus w·const on head 0 whose weights sum to 1.
+        # The cross terms of all 2HT rows come from one product, laid out as coeffs; inv1 scales their sum only.
         gram = mix @ mix.transpose(1, 2)
         upper = torch.cat([gram[:, :ht, :ht], 2.0 * gram[:, :ht, ht:]], dim=2)
-        quad_a = upper @ coeffs + inv1[:, None] * (2.0 * v1 @ ln2_cross_1).reshape(b, ht, n)
-        quad_b = gram[:, ht:, ht:] @ a2 + inv1[:, None] * (2.0 * v2 @ ln2_cross_2).reshape(b, ht, n)
+        cross = (torch.stack([v1, v2], dim=1) @ ln2_cross).reshape(b, 2 * ht, n)  # [B, 2HT, N]
         mean_term = (m1_mean[:, None] @ a1s)[:, 0]  # Σ_r a1s_r mean(m1_r), [B, N]
-        sq = (inv1 * (inv1 * ln2_vectors[0] + 2.0 * (ln2_vectors[1] - mean_term * ln2_vectors[2]))
-              + (a1s * quad_a).sum(1) + (a2 * quad_b).sum(1))
+        sq = (inv1 * (inv1 * ln2_vectors[0] + 2.0 * (ln2_vectors[1] - mean_term * ln2_vectors[2]
+                                                     + (coeffs * cross).sum(1)))
+              + (a1s * (upper @ coeffs)).sum(1) + (a2 * (gram[:, ht:, ht:] @ a2)).sum(1))
         inv2 = torch.rsqrt(sq / c + l2.norm4.eps)
         if trace is not None:
             trace.update(coeffs=coeffs, mix=mix, inv2=inv2)
@@ -281,26 +297,31 @@ class FactoredTransformer(nn.Module):
 def final_attention(md: nn.Module, final_ctx: tuple[torch.Tensor, ...], queries: torch.Tensor, query_pe: torch.Tensor,
                     coeffs: torch.Tensor, inv_std: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """The final token→image attention + norm for the given tokens (queries, query_pe [B, Tq, C]), on layer 2's
-    image tokens: rows γ2·(w·inv1 + coeffsᵀ mix)·inv2 + β2. `final_ctx`: the context's final_* tensors."""
+    image tokens: rows γ2·(w·inv1 + coeffsᵀ mix)·inv2 + β2. `final_ctx`: the context's final_* tensors.
+    Scores and attention are laid out heads outermost, [H, B, Tq, N], so that the image-side products take every
+    prompt at once; only the low-rank part is per prompt."""
     final_keys_img, final_keys_pe, final_values_img = final_ctx
     tr = md.transformer
     fa = tr.final_attn_token_to_image
     g2, b2 = tr.layers[1].norm4.weight, tr.layers[1].norm4.bias
     heads = fa.num_heads
     b, tq, _ = queries.shape
-    r = coeffs.shape[1]
-    inv1, inv2 = inv_std[:, 0:1, None], inv_std[:, 1:2, None]  # [B, 1, 1, N]
-    q = _split(fa.q_proj(queries + query_pe) * _scale(fa), heads)  # [B, H, Tq, d]
+    r, n = coeffs.shape[1:]
+    inv1, inv2 = inv_std[None, :, 0:1], inv_std[None, :, 1:2]  # [1, B, 1, N]
+    q = fa.q_proj(queries + query_pe) * _scale(fa)  # [B, Tq, C]
     gmix = mix * g2
-    q_low = (q @ _split(gmix @ fa.k_proj.weight.t(), heads).transpose(2, 3)).reshape(b, heads * tq, r)
-    low = (q_low @ coeffs).reshape(b, heads, tq, -1)
-    scores = inv2 * (inv1 * (q @ final_keys_img) + low) + q @ final_keys_pe
-    attn = torch.softmax(scores, dim=-1) * inv2  # [B, H, Tq, N]
+    q_low = (_split(q, heads) @ _split(gmix @ fa.k_proj.weight.t(), heads).transpose(2, 3)).reshape(b, heads * tq, r)
+    low = (q_low @ coeffs).reshape(b, heads, tq, n).transpose(0, 1)  # [H, B, Tq, N]
+    qh = _by_head(q, heads)  # [H, B·Tq, d]
+    scores = (inv2 * (inv1 * (qh @ final_keys_img).reshape(heads, b, tq, n) + low)
+              + (qh @ final_keys_pe).reshape(heads, b, tq, n))
+    attn = torch.softmax(scores, dim=-1) * inv2  # [H, B, Tq, N]
+    image_values = _from_heads((attn * inv1).reshape(heads, b * tq, n) @ final_values_img, b)  # [B, Tq, C]
     # coeffs @ attnᵀ keeps the big operand on the left (no transposed copy of coeffs)
-    mixed = (coeffs @ attn.reshape(b, heads * tq, -1).transpose(1, 2)).transpose(1, 2).reshape(b, heads, tq, r)
-    values = ((attn * inv1) @ final_values_img + mixed @ _split(gmix @ fa.v_proj.weight.t(), heads)
-              + _split(fa.v_proj(b2)[None, None], heads))
-    return tr.norm_final_attn(queries + fa.out_proj(_merge(values)))
+    per_prompt = attn.transpose(0, 1).reshape(b, heads * tq, n)
+    mixed = (coeffs @ per_prompt.transpose(1, 2)).transpose(1, 2).reshape(b, heads, tq, r)
+    values = image_values + _merge(mixed @ _split(gmix @ fa.v_proj.weight.t(), heads)) + fa.v_proj(b2)
+    return tr.norm_final_attn(queries + fa.out_proj(values))
 
 
 class FactoredPromptHead(nn.Module):
@@ -323,7 +344,7 @@ class FactoredPromptHead(nn.Module):
         md = self.mask_decoder
         s = 1 if md.pred_obj_scores else 0
         queries, tokens, coeffs, inv_std, mix = self.transformer(ctx, sparse, trace)
-        iou_token = final_attention(md, ctx[13:16], queries[:, s:s + 1], tokens[:, s:s + 1], coeffs, inv_std, mix)
+        iou_token = final_attention(md, ctx[12:15], queries[:, s:s + 1], tokens[:, s:s + 1], coeffs, inv_std, mix)
         iou = md.iou_prediction_head(iou_token[:, 0])
         mask_queries = queries[:, s + 1:s + 1 + md.num_mask_tokens]
         return iou, mask_queries, coeffs, inv_std, mix

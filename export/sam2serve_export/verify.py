@@ -49,11 +49,12 @@ TORCH_CHUNK = 64  # the torch reference decodes in chunks of prompts (each promp
 
 
 def verify_engines(model: torch.nn.Module, engine_dir: Path, image: np.ndarray, image_label: str,
-                   seed: int = 0, cases: tuple[tuple[int, int, bool], ...] = FACTORED_CASES) -> list[ParityRow]:
+                   seed: int = 0, cases: tuple[tuple[int, int, bool], ...] = FACTORED_CASES,
+                   prompts: bool = True) -> list[ParityRow]:
     """Torch vs ONNX Runtime on random inputs and on `image` (RGB uint8), through our runtime: the encoder, the
     factored decoder (without mask input) at the `cases`' batch sizes and prompt shapes, decoder.onnx with a mask
     input, and Meta's SAM2ImagePredictor against our preprocessing + engines + mask selection and against our prompt
-    data plane (points, boxes, refinement)."""
+    data plane (points, boxes, refinement; `prompts=False` leaves that last part out)."""
     engine = OnnxEngine(engine_dir, providers=["CPUExecutionProvider"], warmup=False)
     rows: list[ParityRow] = []
     encoder, decoder = ImageEncoder(model).eval(), PromptDecoder(model).eval()
@@ -82,7 +83,8 @@ def verify_engines(model: torch.nn.Module, engine_dir: Path, image: np.ndarray, 
     with torch.no_grad():
         predictor.set_image(image)
     rows += _predictor_parity(predictor, engine, image, image_label)
-    rows += prompt_parity(predictor, engine, image, image_label)
+    if prompts:
+        rows += prompt_parity(predictor, engine, image, image_label)
     return rows
 
 

@@ -1,9 +1,13 @@
 """What a request may ask of this server, checked once for every protocol before anything is stored or queued
-(`JobService.submit` calls `admit`): parameters the generator cannot run, and the server's limits on work and
-image size, each refused with a message that names the field and the number."""
+(`JobService.submit` calls `admit`, and `admit_webhook` for a request with a webhook): parameters the generator
+cannot run, the server's limits on work and image size, and webhook addresses, each refused with a message that
+names the field (and the number)."""
 
 from __future__ import annotations
 
+import asyncio
+
+from . import outbound
 from .amg.grids import decoder_prompts, layer_points_per_side
 from .amg.params import GeneratorParams
 from .domain import SegmentRequest
@@ -17,6 +21,16 @@ def admit(request: SegmentRequest, limits: AdmissionLimits) -> None:
     check_encoded_size(request.image_kind, request.image_value, limits.max_image_bytes)
     _check_grids(request.params)
     _check_work(request.params, limits.max_decoder_prompts)
+
+
+async def admit_webhook(url: str, limits: AdmissionLimits) -> None:
+    """InvalidInput (field webhook_url) when image_url's address rules refuse `url` or its host cannot be looked
+    up; the lookup runs off the event loop. The call itself checks (and pins) the address again."""
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, outbound.check_destination, url, limits.outbound,
+                                                         "webhook_url")
+    except outbound.OutboundError as e:
+        raise InvalidInput(str(e), field="webhook_url") from None
 
 
 def _check_work(p: GeneratorParams, cap: int) -> None:

@@ -19,12 +19,23 @@ from .config import ServerConfig
 from .engines import Engine, Manifest, open_engine
 from .jobs import JobFinished, JobService, JobStore, Worker
 from .jobs.memory import MemoryJobStore
-from .metrics import Metrics, create_cache_metrics, create_metrics, describe_server, observe_job, serve_metrics
+from .metrics import (
+    Metrics,
+    create_cache_metrics,
+    create_metrics,
+    describe_server,
+    enable_tenant_metrics,
+    observe_job,
+    serve_metrics,
+)
 from .pipeline import SegmentPipeline
 from .prompts import ByteBudgetLRU, PromptLimits, PromptSegmenter, PromptWorkers
-from .webhooks import Webhooks
+from .prompts.workers import FetchStage
+from .tenants import TenantLabels
+from .webhooks import WebhookMetrics, Webhooks
 
 log = logging.getLogger(__name__)
+WEBHOOK_FLUSH_S = 5.0  # at shutdown, webhooks in flight (and their retries) get this long to be delivered
 
 
 @dataclass
@@ -36,6 +47,7 @@ class App:
     jobs: JobService
     prompts: PromptWorkers
     metrics: Metrics
+    webhooks: Webhooks
 
     @property
     def manifest(self) -> Manifest:
@@ -66,14 +78,17 @@ def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None])
                           queue_bytes=config.queue_image_bytes)
 
 
-def make_prompts(config: ServerConfig, engine: Engine, metrics: Metrics) -> PromptWorkers:
+def make_prompts(config: ServerConfig, engine: Engine, metrics: Metrics, fetch_stage: FetchStage | None = None
+                 ) -> PromptWorkers:
     """The prompted data plane: a per-replica embedding cache within --embedding-cache-mb, the segmenter on
-    `engine`, and its bounded workers (--prompt-workers, up to --queue-size waiting)."""
+    `engine`, and its bounded workers (--prompt-workers, up to --queue-size waiting), whose image_url
+    downloads run in `fetch_stage` (the job queue's)."""
     budget = config.embedding_cache_mb * 1024 * 1024
     cache: ByteBudgetLRU = ByteBudgetLRU(budget, create_cache_metrics(metrics.registry, budget))
     limits = PromptLimits(max_points=config.max_prompt_points, max_boxes=config.max_prompt_boxes)
     segmenter = PromptSegmenter(engine, cache, config.input_limits(), limits)
-    return PromptWorkers(segmenter, workers=config.prompt_workers, max_waiting=config.queue_size)
+    return PromptWorkers(segmenter, workers=config.prompt_workers, max_waiting=config.queue_size,
+                         fetch_stage=fetch_stage)
 
 
 def notify_all(listeners: Sequence[Callable[[JobFinished], None]]) -> Callable[[JobFinished], None]:
@@ -97,8 +112,17 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     metrics = metrics or create_metrics()
     from .transport.fal.schema import webhook_body as fal_webhook_body
 
-    webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body})  # fal's body for requests fal's clients made
-    store = make_store(config, notify_all([lambda event: observe_job(metrics, event), webhooks]))
+    settings = config.webhook_settings()
+    if not settings.secret:
+        log.warning("webhooks are sent unsigned: set --webhook-secret or --webhook-secret-file (SAM2SERVE_WEBHOOK_"
+                    "SECRET[_FILE]) so that receivers can check they come from this server")
+    webhooks = Webhooks(limits, bodies={"fal": fal_webhook_body},  # fal's body for requests fal's clients made
+                        settings=settings, metrics=WebhookMetrics(metrics.webhooks, metrics.webhook_retries))
+    listeners: list[Callable[[JobFinished], None]] = [lambda event: observe_job(metrics, event), webhooks]
+    keys = config.keys()  # a malformed key entry stops the server here, before anything runs
+    if config.tenant_metrics > 0:
+        listeners.append(enable_tenant_metrics(metrics, TenantLabels(keys.tenants, config.tenant_metrics)))
+    store = make_store(config, notify_all(listeners))
     pipeline = SegmentPipeline(AutoMaskGenerator(engine, max_decoder_batch=config.max_decoder_batch), limits)
     worker = Worker(store, pipeline, workers=config.workers, time_limit_s=config.job_time_limit_seconds,
                     fetchers=config.url_fetchers)
@@ -107,7 +131,8 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
                     info.backend, ",".join(info.providers), jobs.depth)
-    return App(config, engine, jobs, make_prompts(config, engine, metrics), metrics)
+    prompts = make_prompts(config, engine, metrics, worker if config.url_fetchers > 0 else None)
+    return App(config, engine, jobs, prompts, metrics, webhooks)
 
 
 class Adapter(Protocol):
@@ -161,20 +186,27 @@ class RunningServer:
                 await self.set_serving(reachable)
 
     async def shutdown(self) -> bool:
-        """Health NOT_SERVING, no new work, queued and running jobs finish within the drain period."""
+        """Health NOT_SERVING, no new work; queued and running jobs, and prompt calls in flight, finish
+        within the drain period."""
         self._stopping = True
         if self._health_task is not None:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
         await self.set_serving(False)
         self.app.prompts.accepting = False
-        drained = await self.app.jobs.drain(self.config.drain_seconds, self.config.drain_results_seconds)
+        drained, prompts_drained = await asyncio.gather(
+            self.app.jobs.drain(self.config.drain_seconds, self.config.drain_results_seconds),
+            self.app.prompts.drain(self.config.drain_seconds))
         if not drained:
             log.warning("drain period of %.0f s ended with jobs unfinished; they were cancelled",
+                        self.config.drain_seconds)
+        if not prompts_drained:
+            log.warning("drain period of %.0f s ended with prompt calls unfinished; they are cut",
                         self.config.drain_seconds)
         for adapter in self.adapters:
             await adapter.stop(grace_s=5.0)
         await self.app.jobs.close()
+        await self.app.webhooks.flush(WEBHOOK_FLUSH_S)
         self.app.prompts.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -6,11 +6,15 @@ import argparse
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .limits import DEFAULT_MAX_DECODER_PROMPTS, AdmissionLimits, InputLimits
 
-SECRETS = ("api_key", "metrics_token")  # shown as *** when the configuration is printed
+if TYPE_CHECKING:
+    from .tenants import ApiKeys
+    from .webhooks import WebhookSettings
+
+SECRETS = ("api_key", "api_keys", "metrics_token", "webhook_secret")  # shown as *** when the configuration is printed
 
 
 @dataclass(frozen=True)
@@ -43,22 +47,33 @@ class ServerConfig:
     redis_prefix: str = "sam2serve:"  # key prefix, so that several deployments can share one Redis
     drain_seconds: float = 30.0
     drain_results_seconds: float = 10.0  # in-process queue: after the drain's last job, results stay fetchable
-    api_key: str = ""  # empty: no authentication
+    api_key: str = ""  # a key of the default tenant; with api_keys and api_keys_file all empty: no authentication
+    api_keys: str = ""  # "tenant:key,tenant:key": keys of named tenants, each seeing only its own requests
+    api_keys_file: str = ""  # one tenant:key per line (# comments)
+    tenant_metrics: int = 0  # per-tenant job metrics for the first N tenants of the keys (the rest: 'other'); 0: off
     tls_cert: str = ""
     tls_key: str = ""
     max_points_per_side: int = 64
-    embedding_cache_mb: int = 512  # PromptSegmentService: image embeddings (≈ 17 MB each) and mask logits
+    embedding_cache_mb: int = 512  # PromptSegmentService: embeddings (≈ 62 MB each, decoder context in) + logits
     prompt_workers: int = 2  # PromptSegmentService calls run at once (more wait, up to queue_size)
     max_prompt_points: int = 64
     max_prompt_boxes: int = 16  # each box is one more prompt set in the decoder batch
     max_crop_n_layers: int = 3
     # The work one request may ask for (decoder prompts: grid × crops, more with use_m2m), refused at Submit,
-    # and the time one job may run (then FAILED, DEADLINE_EXCEEDED); 0 for no time limit.
+    # and the time one job may run (then FAILED, DEADLINE_EXCEEDED; its fetch and compute, not its waits for
+    # the queue or a free worker); 0 for no time limit.
     max_decoder_prompts: int = DEFAULT_MAX_DECODER_PROMPTS
     job_time_limit_seconds: float = 1800.0
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     allow_private_urls: bool = False
+    # Webhooks: signed with HMAC-SHA256 under this secret (or the contents of webhook_secret_file; neither:
+    # unsigned, with a warning at startup); calls in all when the receiver is unreachable or answers 5xx/429,
+    # and the first wait between them (doubled each time, at most 60 s).
+    webhook_secret: str = ""
+    webhook_secret_file: str = ""
+    webhook_attempts: int = 4
+    webhook_backoff_seconds: float = 1.0
     log_level: str = "INFO"
 
     def input_limits(self) -> InputLimits:
@@ -66,7 +81,32 @@ class ServerConfig:
                            allow_private_networks=self.allow_private_urls)
 
     def admission_limits(self) -> AdmissionLimits:
-        return AdmissionLimits(max_decoder_prompts=self.max_decoder_prompts, max_image_bytes=self.max_image_bytes)
+        return AdmissionLimits(max_decoder_prompts=self.max_decoder_prompts, max_image_bytes=self.max_image_bytes,
+                               outbound=self.input_limits())
+
+    def webhook_settings(self) -> WebhookSettings:
+        """The webhook settings; StartupError when webhook_secret_file cannot be read or is empty."""
+        from .errors import StartupError
+        from .webhooks import WebhookSettings
+
+        secret = self.webhook_secret.encode()
+        if self.webhook_secret_file:
+            try:
+                secret = Path(self.webhook_secret_file).read_bytes().strip()
+            except OSError as e:
+                raise StartupError(f"webhook_secret_file {self.webhook_secret_file!r} cannot be read: "
+                                   f"{e.strerror}") from None
+            if not secret:
+                raise StartupError(f"webhook_secret_file {self.webhook_secret_file!r} is empty")
+        if self.webhook_attempts < 1 or self.webhook_backoff_seconds < 0:
+            raise StartupError("webhook_attempts must be at least 1 and webhook_backoff_seconds at least 0")
+        return WebhookSettings(secret=secret, attempts=self.webhook_attempts, backoff_s=self.webhook_backoff_seconds)
+
+    def keys(self) -> ApiKeys:
+        """The API keys and their tenants (`tenants`); StartupError for a malformed entry or file."""
+        from .tenants import api_keys
+
+        return api_keys(self.api_key, self.api_keys, self.api_keys_file)
 
     def describe(self) -> str:
         shown = {k: ("***" if k in SECRETS and v else str(v)) for k, v in asdict(self).items()}

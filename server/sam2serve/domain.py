@@ -48,6 +48,7 @@ class SegmentRequest:
     # How the protocol that took the request answers it (e.g. fal's sync_mode and file URLs): set by the
     # transport, carried by the job layer untouched, read back by the same transport and by notifications.
     delivery: dict[str, str] = field(default_factory=dict)
+    tenant: str = ""  # whose API key submitted it: only that tenant sees the job (`tenants`)
 
     def without_image(self) -> SegmentRequest:
         """The request as kept once its job has ended: the encoded image is no longer needed."""

@@ -56,10 +56,13 @@ class AdmissionLimits:
       for 1.4 million prompts: about 20 hours of one CPU worker.
     - ``max_image_bytes``: the image cap (`InputLimits.max_image_bytes`), judged from the request's value
       before the request is queued, so that a queue of too-large images is never held.
+    - ``outbound``: the address rules a ``webhook_url`` must pass at submission (image_url's), so that a
+      refused webhook is the caller's INVALID_ARGUMENT, not a warning in the log when the job ends.
     """
 
     max_decoder_prompts: int = DEFAULT_MAX_DECODER_PROMPTS
     max_image_bytes: int = 20 * MiB
+    outbound: InputLimits = InputLimits()
 
 
 def describe_bytes(n: int) -> str:

@@ -38,6 +38,9 @@ class Metrics:
     jobs_in_progress: Gauge
     untrained: Gauge
     build: Info
+    webhooks: Counter
+    webhook_retries: Counter
+    tenant_jobs: Counter | None = None  # with --tenant-metrics only (`enable_tenant_metrics`)
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
@@ -66,6 +69,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         untrained=Gauge("sam2serve_untrained_weights", "1 when the served engines have untrained weights "
                         "(meaningless masks)", registry=r),
         build=Info("sam2serve_build", "Version, model, weights origin and execution provider", registry=r),
+        webhooks=Counter("sam2serve_webhooks", "Webhook deliveries by outcome: delivered, failed (retries spent, "
+                         "or refused by the receiver), refused (the address rules)", ["outcome"], registry=r),
+        webhook_retries=Counter("sam2serve_webhook_retries", "Webhook calls made again after a connection "
+                                "failure, a 5xx or a 429", registry=r),
     )
 
 
@@ -111,6 +118,15 @@ def serve_metrics(metrics: Metrics, host: str, port: int, token: str = "") -> tu
     thread = threading.Thread(target=server.serve_forever, name="sam2serve-metrics", daemon=True)
     thread.start()
     return server, thread
+
+
+def enable_tenant_metrics(metrics: Metrics, label: Callable[[str], str]) -> Callable[[JobFinished], None]:
+    """sam2serve_tenant_jobs_total{tenant,outcome}, and the `JobFinished` listener that counts it; `label` names a
+    tenant within a bounded set of values (`tenants.TenantLabels`)."""
+    counter = Counter("sam2serve_tenant_jobs", "Jobs ended, by tenant (the first --tenant-metrics tenants of the "
+                      "keys; the rest as 'other') and outcome", ["tenant", "outcome"], registry=metrics.registry)
+    metrics.tenant_jobs = counter
+    return lambda event: counter.labels(label(event.request.tenant), event.state.name.lower()).inc()
 
 
 def observe_job(metrics: Metrics, event: JobFinished) -> None:

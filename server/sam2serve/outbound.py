@@ -59,6 +59,11 @@ class OutboundError(Exception):
     """The request was refused or failed; the message names the field the URL came from and why."""
 
 
+class AddressRefused(OutboundError):
+    """The URL itself is refused (its form, scheme or address under the address rules): trying again cannot
+    help, unlike a failed lookup, connection or response."""
+
+
 # ---------------------------------------------------------------------------------------------- addresses
 
 def _embedded_ipv4(ip: IPv6Address) -> IPv4Address | None:
@@ -172,25 +177,25 @@ def _shown(url: str, n: int = 100) -> str:
 
 def _parse_target(url: str, where: str) -> _Target:
     if len(url) > MAX_URL_LENGTH:
-        raise OutboundError(f"{where} is longer than {MAX_URL_LENGTH} characters")
+        raise AddressRefused(f"{where} is longer than {MAX_URL_LENGTH} characters")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        raise OutboundError(f"{where} contains control characters")
+        raise AddressRefused(f"{where} contains control characters")
     url = url.strip()
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise OutboundError(f"{where} is not a valid URL ({exc}): {_shown(url)}") from None
+        raise AddressRefused(f"{where} is not a valid URL ({exc}): {_shown(url)}") from None
     scheme = parts.scheme.lower()
     if not scheme:
-        raise OutboundError(f"{where} must be an absolute http:// or https:// URL, got {_shown(url)}")
+        raise AddressRefused(f"{where} must be an absolute http:// or https:// URL, got {_shown(url)}")
     if scheme not in ("http", "https"):
-        raise OutboundError(f"{where} uses the {scheme!r} scheme; only http and https are allowed")
+        raise AddressRefused(f"{where} uses the {scheme!r} scheme; only http and https are allowed")
     if parts.username is not None or parts.password is not None:
-        raise OutboundError(f"{where} must not contain a user name or password")
+        raise AddressRefused(f"{where} must not contain a user name or password")
     raw_host = parts.hostname or ""
     if not raw_host:
-        raise OutboundError(f"{where} has no host: {_shown(url)}")
+        raise AddressRefused(f"{where} has no host: {_shown(url)}")
     literal: IPAddress | None
     try:
         literal = ipaddress.ip_address(raw_host)
@@ -200,9 +205,9 @@ def _parse_target(url: str, where: str) -> _Target:
         try:
             host = raw_host.encode("idna").decode("ascii").lower()
         except UnicodeError:
-            raise OutboundError(f"{where} has an invalid host name {raw_host!r}") from None
+            raise AddressRefused(f"{where} has an invalid host name {raw_host!r}") from None
     if port == 0:
-        raise OutboundError(f"{where} has an invalid port 0")
+        raise AddressRefused(f"{where} has an invalid port 0")
     path = quote(parts.path or "/", safe=_PATH_SAFE)
     query = quote(parts.query, safe=_QUERY_SAFE)
     target = path + (f"?{query}" if query or url.endswith("?") else "")
@@ -409,17 +414,17 @@ def _checked_addresses(target: _Target, limits: InputLimits, deadline: _Deadline
         for ip in addresses:
             reason = address_refusal(target.host, ip, limits)
             if reason:
-                raise OutboundError(f"{where} points at {ip}, {reason}; only public addresses are allowed")
+                raise AddressRefused(f"{where} points at {ip}, {reason}; only public addresses are allowed")
         return addresses
     allowed_by_name = _normalise_host(target.host) in _allow_list(limits.allow_hosts).names
     if _normalise_host(target.host) in METADATA_HOSTS and not allowed_by_name:
-        raise OutboundError(f"{where}: host {target.host!r} is a cloud metadata endpoint; not allowed")
+        raise AddressRefused(f"{where}: host {target.host!r} is a cloud metadata endpoint; not allowed")
     timeout = deadline.bounded(limits.fetch_connect_timeout_s)
     addresses = _resolve(target.host, target.port, timeout, where)
     for ip in addresses:
         reason = address_refusal(target.host, ip, limits)
         if reason:  # the address itself is not shown: it would reveal internal DNS to the caller
-            raise OutboundError(f"{where}: host {target.host!r} resolves to {reason}; "
+            raise AddressRefused(f"{where}: host {target.host!r} resolves to {reason}; "
                                   f"only public addresses are allowed")
     return addresses
 
@@ -490,19 +495,28 @@ def get(url: str, limits: InputLimits, field: str) -> bytes:
         deadline.cancel()
 
 
-def post_json(url: str, payload: dict[str, Any], limits: InputLimits, field: str) -> int:
-    """POST `payload` as JSON to `url` under the same address rules (no redirects followed). Returns the HTTP
-    status; raises OutboundError when the address is refused or the call fails."""
-    import json
+def check_destination(url: str, limits: InputLimits, field: str) -> None:
+    """AddressRefused when `url` is one the address rules refuse (scheme, form, or any address its host resolves
+    to), OutboundError when its host cannot be looked up; checked again, and pinned, when it is called."""
+    deadline = _Deadline(limits.fetch_total_timeout_s, field)
+    try:
+        _checked_addresses(_parse_target(url, field), limits, deadline, field)
+    finally:
+        deadline.cancel()
 
+
+def post_json(url: str, body: bytes, limits: InputLimits, field: str, headers: dict[str, str] | None = None) -> int:
+    """POST `body` (JSON) to `url` under the same address rules (no redirects followed), with `headers` added.
+    Returns the HTTP status; raises AddressRefused when the address is refused, OutboundError when the call
+    fails (lookup, connection, no response)."""
     deadline = _Deadline(limits.fetch_total_timeout_s, field)
     try:
         target = _parse_target(url, field)
         conn = _connect(target, _checked_addresses(target, limits, deadline, field), limits, deadline, field)
         try:
-            body = json.dumps(payload).encode()
             conn.request("POST", target.request_target, body=body, headers={
-                "User-Agent": USER_AGENT, "Content-Type": "application/json", "Connection": "close"})
+                **(headers or {}), "User-Agent": USER_AGENT, "Content-Type": "application/json",
+                "Connection": "close"})
             assert conn.sock is not None
             conn.sock.settimeout(deadline.bounded(limits.fetch_read_timeout_s))
             response = conn.getresponse()

@@ -71,6 +71,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* Name of the Secret holding SAM2SERVE_METRICS_TOKEN ("" when metrics need no token). */}}
+{{- define "sam2serve.metricsTokenSecret" -}}
+{{- if .Values.metrics.token.existingSecret }}
+{{- .Values.metrics.token.existingSecret }}
+{{- else if .Values.metrics.token.value }}
+{{- printf "%s-metrics-token" (include "sam2serve.fullname" .) }}
+{{- end }}
+{{- end }}
+
 {{/* Name of the Secret holding SAM2SERVE_REDIS_URL ("" when the queue is per pod). */}}
 {{- define "sam2serve.redisSecret" -}}
 {{- if .Values.server.redis.existingSecret }}

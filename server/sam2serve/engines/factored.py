@@ -36,6 +36,10 @@ RunGraph = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
 PROMPT_HEAD_BYTES_PER_PROMPT = 20 << 20
 MASK_HEAD_BYTES_PER_PROMPT = 60 << 20
 DEFAULT_DECODER_MEMORY = 512 << 20
+# Prompt-head batch on CPUs: its per-prompt tensors are [H·T, N] float32 (1 MB each, a few dozen passes over them per
+# run), so small batches keep them in the cores' caches; below 2 the graph's fixed per-run cost (≈ 250 small
+# operators) dominates. Accelerators (TensorRT, CUDA) take the largest batch memory allows instead.
+CPU_PROMPT_HEAD_BATCH = 8
 
 
 def batch_for_memory(budget_bytes: int, bytes_per_prompt: int, cap: int = 64) -> int:
@@ -90,8 +94,10 @@ class FactoredDecoder:
 
     def __init__(self, manifest: Manifest, run_context: RunGraph, run_prompt: RunGraph, run_mask: RunGraph,
                  context_outputs: list[str], prompt_inputs: list[str], mask_inputs: list[str],
-                 memory_bytes: int = DEFAULT_DECODER_MEMORY, max_batch: int = 64, workers: int = 1) -> None:
-        """`max_batch`: the largest batch a head accepts (a TensorRT plan's profile); memory bounds it further.
+                 memory_bytes: int = DEFAULT_DECODER_MEMORY, max_batch: int = 64, workers: int = 1,
+                 prompt_batch: int | None = None) -> None:
+        """`max_batch`: the largest batch a head accepts (a TensorRT plan's profile); memory bounds it further, and
+        `prompt_batch` bounds the prompt head's batch below that (CPUs: see CPU_PROMPT_HEAD_BATCH).
         `workers` > 1 runs a call's batches on that many threads at once (sessions of one thread each: many
         small memory-bound operators scale better across runs than within one)."""
         self.manifest = manifest
@@ -100,6 +106,8 @@ class FactoredDecoder:
         self._prompt_context = [n for n in prompt_inputs if n in set(context_outputs)]
         self._mask_context = [n for n in mask_inputs if n in set(context_outputs)]
         self.prompt_batch = batch_for_memory(memory_bytes, PROMPT_HEAD_BYTES_PER_PROMPT, max_batch)
+        if prompt_batch is not None:
+            self.prompt_batch = max(1, min(self.prompt_batch, prompt_batch))
         self.mask_batch = batch_for_memory(memory_bytes, MASK_HEAD_BYTES_PER_PROMPT, max_batch)
         self.stats = DecoderStats()
         self.workers = max(1, workers)

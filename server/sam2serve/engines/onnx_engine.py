@@ -17,7 +17,13 @@ from .contract import (
     ENCODER_OUTPUTS,
     FACTORED_ROLES,
 )
-from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, FactoredDecoding, check_factored_graphs
+from .factored import (
+    CPU_PROMPT_HEAD_BATCH,
+    DEFAULT_DECODER_MEMORY,
+    FactoredDecoder,
+    FactoredDecoding,
+    check_factored_graphs,
+)
 from .manifest import (
     Manifest,
     ManifestError,
@@ -60,10 +66,13 @@ class OnnxEngine(FactoredDecoding):
         factored: bool = True,
         decoder_memory_bytes: int = DEFAULT_DECODER_MEMORY,
         head_workers: int = 1,
+        prompt_head_batch: int | None = None,
     ) -> None:
         """`factored=False` runs every prompt through decoder.onnx (as engine directories exported before the
         factored decoder do); `decoder_memory_bytes` bounds the working memory of a factored head's batch;
-        `head_workers` > 1 runs the factored heads' batches that many at a time, one thread each."""
+        `head_workers` > 1 runs the factored heads' batches that many at a time, one thread each;
+        `prompt_head_batch` bounds the prompt head's batch (default: CPU_PROMPT_HEAD_BATCH on the CPU provider,
+        memory alone on an accelerator)."""
         self.directory = Path(directory)
         self.manifest: Manifest = read_manifest(self.directory)
         has_factored = set(FACTORED_ROLES) <= set(self.manifest.engines)
@@ -99,12 +108,15 @@ class OnnxEngine(FactoredDecoding):
         if factored and has_factored:
             if head_workers > 1:
                 options.intra_op_num_threads = 1
-            self._factored = self._open_factored(options, decoder_memory_bytes, head_workers)
+            if prompt_head_batch is None and self.providers[0] == "CPUExecutionProvider":
+                prompt_head_batch = CPU_PROMPT_HEAD_BATCH
+            self._factored = self._open_factored(options, decoder_memory_bytes, head_workers, prompt_head_batch)
         warn_if_untrained(self.directory, self.manifest)
         if warmup:
             self.warm_up()
 
-    def _open_factored(self, options: ort.SessionOptions, memory_bytes: int, workers: int) -> FactoredDecoder:
+    def _open_factored(self, options: ort.SessionOptions, memory_bytes: int, workers: int,
+                       prompt_batch: int | None) -> FactoredDecoder:
         context, prompt, mask = (self._open(role, options) for role in FACTORED_ROLES)
         names = [[a.name for a in args] for args in (context.get_outputs(), prompt.get_inputs(),
                                                      prompt.get_outputs(), mask.get_inputs(), mask.get_outputs())]
@@ -114,7 +126,7 @@ class OnnxEngine(FactoredDecoding):
             return lambda feeds: session.run(None, feeds)
 
         return FactoredDecoder(self.manifest, runner(context), runner(prompt), runner(mask), names[0], names[1],
-                               names[3], memory_bytes, workers=workers)
+                               names[3], memory_bytes, workers=workers, prompt_batch=prompt_batch)
 
     def _open(self, role: str, options: ort.SessionOptions, inputs: tuple[str, ...] | None = None,
               outputs: tuple[str, ...] | None = None) -> ort.InferenceSession:

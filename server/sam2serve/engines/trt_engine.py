@@ -22,7 +22,15 @@ from typing import Any
 import numpy as np
 
 from .base import PER_PROMPT_INPUTS, ImageFeatures, decoder_feeds, warn_if_untrained
-from .contract import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, FACTORED_ROLES
+from .contract import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    FACTORED_ROLES,
+    PROMPT_INPUTS,
+    PROMPT_STATE,
+)
 from .factored import DEFAULT_DECODER_MEMORY, FactoredDecoder, FactoredDecoding, check_factored_graphs
 from .manifest import (
     Manifest,
@@ -132,6 +140,15 @@ def current_gpu() -> GpuInfo:
     except (OSError, subprocess.SubprocessError) as e:
         reasons.append(f"nvidia-smi failed: {e}")
     raise GpuNotFoundError(f"no NVIDIA GPU found ({'; '.join(reasons)})")
+
+
+def shared_max_batch(max_shapes: dict[tuple[str, str], tuple[int, ...]]) -> int:
+    """The largest prompt batch every plan a factored decode runs accepts: the least batch dimension of the
+    profile's max shape over each plan's per-prompt inputs ((plan, input) → max shape). One plan built with
+    a smaller profile (a mask head limited for memory, say) bounds them all."""
+    if not max_shapes:
+        raise ValueError("no per-prompt inputs to take a batch bound from")
+    return min(shape[0] for shape in max_shapes.values())
 
 
 def read_trt_manifest(plan_dir: Path) -> dict[str, Any]:
@@ -395,7 +412,10 @@ class TensorRTEngine(FactoredDecoding):
 
             return call
 
-        _, _, (max_batch, *_) = runners["prompt_head"].profile_shapes("point_coords")
+        per_prompt = {("prompt_head", n): runners["prompt_head"].profile_shapes(n)[2] for n in PROMPT_INPUTS}
+        per_prompt |= {("mask_head", n): runners["mask_head"].profile_shapes(n)[2] for n in PROMPT_STATE}
+        per_prompt[("decoder", "point_coords")] = (self.max_batch,)
+        max_batch = shared_max_batch(per_prompt)
         return FactoredDecoder(self.manifest, run("decoder_context"), run("prompt_head"), run("mask_head"),
                                names[0], names[1], names[3], memory_bytes, max_batch=max_batch)
 

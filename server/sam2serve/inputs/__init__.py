@@ -63,8 +63,10 @@ def check_encoded_size(kind: str, value: str | bytes, max_bytes: int) -> None:
         raise ImageFetchError(f"image_url is longer than {MAX_URL_LENGTH} characters")
 
 
-def load_image(source_kind: str | None, value: str | bytes, limits: InputLimits) -> LoadedImage:
-    """Fetch / parse / take the encoded image, check it against `limits` and decode it.
+def load_image(source_kind: str | None, value: str | bytes, limits: InputLimits,
+               fetched: bytes | None = None) -> LoadedImage:
+    """Fetch / parse / take the encoded image, check it against `limits` and decode it. `fetched`: the body of
+    the image_url `value` as `fetch_url` returned it in a fetch stage; decoded as if fetched here.
 
     `source_kind` is "url", "data_uri" or "bytes" (or the field names image_url, image_data_uri,
     image_bytes). None or "" — no image in the request — is an InvalidInput; an unknown kind or a value of
@@ -79,7 +81,7 @@ def load_image(source_kind: str | None, value: str | bytes, limits: InputLimits)
     if kind == "url":
         if not isinstance(value, str):
             raise TypeError(f"{field} must be a str, got {type(value).__name__}")
-        data = fetch_url(value, limits)
+        data = fetch_url(value, limits) if fetched is None else fetched  # fetch_url kept to the byte cap
     elif kind == "data_uri":
         if not isinstance(value, str):
             raise TypeError(f"{field} must be a str, got {type(value).__name__}")

@@ -134,15 +134,23 @@ class MemoryJobStore:
     def unfinished_here(self) -> list[str]:
         return [job.id for job in self._jobs.values() if not job.state.terminal]
 
+    def finished_here_since(self, since: float) -> list[str]:
+        recent = []
+        for job_id in reversed(self._finished):  # in the order they ended
+            if (self._jobs[job_id].finished_at or 0.0) < since:
+                break
+            recent.append(job_id)
+        return recent
+
     # -- workers -----------------------------------------------------------------------------------------------
-    async def claim(self, timeout_s: float) -> Claim | None:
+    async def claim(self, timeout_s: float, url: bool | None = None) -> Claim | None:
         try:
             async with asyncio.timeout(max(timeout_s, 0)):
-                while not self._pending:
+                while (job := self._next(url)) is None:
                     await self._changed.wait()
         except TimeoutError:
             return None
-        job = self._pending.popleft()
+        self._pending.remove(job)
         check_transition(job.id, job.state, JobState.IN_PROGRESS)
         job.state, job.started_at, job.progress = JobState.IN_PROGRESS, time.time(), 0.0
         job.claim = uuid.uuid4().hex
@@ -179,6 +187,9 @@ class MemoryJobStore:
         self._loop.call_soon_threadsafe(self._log_if_held, claim, message)
 
     # -- internals (event loop) --------------------------------------------------------------------------------
+    def _next(self, url: bool | None) -> _Job | None:
+        return next((job for job in self._pending if url is None or (job.request.image_kind == "url") == url), None)
+
     def _held(self, claim: Claim) -> _Job | None:
         job = self._jobs.get(claim.job_id)
         return job if job is not None and job.state is JobState.IN_PROGRESS and job.claim == claim.token else None
@@ -216,7 +227,7 @@ class MemoryJobStore:
     def _snapshot(self, job: _Job) -> JobSnapshot:
         position = next((i for i, j in enumerate(self._pending) if j is job), 0)
         return JobSnapshot(job.id, job.state, position, job.progress, tuple(job.logs), self._error(job),
-                           job.submitted_at, job.started_at, job.finished_at, job.version)
+                           job.submitted_at, job.started_at, job.finished_at, job.version, job.request.tenant)
 
     def _end(self, job: _Job, state: JobState, outcome: SegmentOutcome | None = None,
              error: BaseException | None = None) -> None:

@@ -77,6 +77,7 @@ class JobSnapshot:
     started_at: float | None
     finished_at: float | None
     version: int
+    tenant: str = ""  # whose request it is (`tenants`)
 
     @property
     def queue_seconds(self) -> float:

@@ -7,12 +7,15 @@ Keys, under a prefix (default "sam2serve:"):
     running:<replica>   ids a replica has taken (moved from pending atomically, so a crash leaves them here)
     reaping:<replica>   a lost replica's running list, renamed while its ids are requeued
     replicas            sorted set: each replica's last heartbeat (Redis server time, so pod clocks don't matter)
-    job:<id>            hash: state, times, progress, version, owner (the claim's token), error, attempts, cancel
+    job:<id>            hash: state, times, progress, version, owner (the claim's token), error, attempts, cancel,
+                        image_bytes, url (1: its image is a URL, for the fetch stage to claim), tenant (whose
+                        request it is)
     request:<id>        the encoded request (`jobcodec`); the image is dropped when the job ends
     logs:<id>           JSON [time, message] entries
     result:<id>         the encoded outcome
     events:<id>         pub/sub channel: a message whenever the job changes
     moved               pub/sub channel: a message whenever a job leaves `pending` (queue positions move)
+    queued              pub/sub channel: a message whenever a job enters `pending` (wakes claims of one kind)
 
 Every change of a job is one Lua script, and the scripts check `model.TRANSITIONS` (passed in as a Lua
 table), so replicas never disagree about a job:
@@ -92,11 +95,14 @@ UNFINISHED_TTL_S = 24 * 3600  # keys of a job nobody finishes (every replica gon
 SOCKET_SLACK_S = 10.0  # a socket's timeout beyond the longest blocking wait, so a half-open one fails
 HEALTH_CHECK_S = 5  # a pooled connection idle this long is checked (PING) before use
 RETRIES = 4  # of a command whose connection failed: ≈ 0.05 + 0.1 + 0.2 + 0.4 s of backoff (with jitter)
+RECONNECT_S = 1.0
+KIND_POLL_S = 1.0  # a claim of one kind looks again this often even without a `queued` message (one lost)
 
 _ALLOWED = f"local allowed = {lua_transitions()}\n"
 # A new job, queued in one step (so Submit's answer never depends on a later read), and safe to run twice (a
-# retry after a lost reply finds the job it made). KEYS: pending, job key prefix, job, request.
-# ARGV: queue size, id, image byte budget (0: none), this image's bytes, submitted_at, encoded request, ttl.
+# retry after a lost reply finds the job it made). KEYS: pending, job key prefix, job, request, queued channel.
+# ARGV: queue size, id, image byte budget (0: none), this image's bytes, submitted_at, encoded request, ttl,
+#       url (1: the image is a URL), tenant.
 # {1, length} queued; {-1} queue full; {-2, bytes held} the waiting jobs' images leave no room for this one.
 _ADD = """
 if redis.call('EXISTS', KEYS[3]) == 1 then
@@ -113,10 +119,24 @@ if budget > 0 then
   if held + tonumber(ARGV[4]) > budget then return {-2, held} end
 end
 redis.call('HSET', KEYS[3], 'state', 'IN_QUEUE', 'version', 1, 'submitted_at', ARGV[5], 'progress', 0,
-           'attempts', 0, 'image_bytes', ARGV[4])
+           'attempts', 0, 'image_bytes', ARGV[4], 'url', ARGV[8], 'tenant', ARGV[9])
 redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
 redis.call('EXPIRE', KEYS[3], ARGV[7])
-return {1, redis.call('RPUSH', KEYS[1], ARGV[2])}
+local length = redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[5], ARGV[2])
+return {1, length}
+"""
+# The first waiting id whose image is (ARGV[1] '1') or is not ('0') a URL, moved to a running list.
+# KEYS: pending, running list, job key prefix. The queue is bounded by queue_size: the scan is short.
+_TAKE_KIND = """
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  if (redis.call('HGET', KEYS[3] .. id, 'url') == '1') == (ARGV[1] == '1') then
+    redis.call('LREM', KEYS[1], 1, id)
+    redis.call('RPUSH', KEYS[2], id)
+    return id
+  end
+end
+return false
 """
 # KEYS: job, events. ARGV: claim token, now. 1 claimed; 0 cancelled before it started; -1 gone; -2 not queued.
 # Run twice with one token (a retry after a lost reply), the second run finds the claim made.
@@ -267,6 +287,7 @@ class RedisJobStore:
         self._events = JobEvents(self._redis, self._key("moved"))
         self._add_script = self._redis.register_script(_ADD)
         self._claim_script = self._redis.register_script(_CLAIM)
+        self._take_kind = self._redis.register_script(_TAKE_KIND)
         self._finish_script = self._redis.register_script(_FINISH)
         self._requeue = self._beats.register_script(_REQUEUE)
         self._stage = self._beats.register_script(_STAGE_FOR_REAPING)
@@ -278,6 +299,8 @@ class RedisJobStore:
         self._last_share = 0.0
         self._orphan_suspects: set[str] = set()
         self._keep_alive_task: asyncio.Task[None] | None = None
+        self._queued = asyncio.Event()  # set and replaced at every `queued` message
+        self._queued_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Check the connection (a clear error at startup beats one per request), then keep the heartbeat."""
@@ -287,15 +310,17 @@ class RedisJobStore:
         except redis.RedisError as e:
             raise QueueUnavailable(f"cannot reach the queue's Redis at {without_password(self._url)}: {e}") from e
         self._keep_alive_task = asyncio.create_task(self._keep_alive(), name="sam2serve-redis-heartbeat")
+        self._queued_task = asyncio.create_task(self._listen_queued(), name="sam2serve-redis-queued")
         log.info("job queue: Redis at %s, prefix %r, replica %s", without_password(self._url), self._prefix,
                  self.replica_id)
 
     async def close(self) -> None:
         """Stop; jobs still listed as running here go back to the front of the queue without counting as an
         attempt (else the others requeue them once this replica is found lost)."""
-        if self._keep_alive_task is not None:
-            self._keep_alive_task.cancel()
-            await asyncio.gather(self._keep_alive_task, return_exceptions=True)
+        for task in (self._keep_alive_task, self._queued_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._events.close()
         with contextlib.suppress(redis.RedisError):
             await self._requeue_all(self._key("running", self.replica_id), self.replica_id, count_attempt=False)
@@ -309,14 +334,16 @@ class RedisJobStore:
     async def add(self, request: SegmentRequest) -> JobSnapshot:
         job_id, submitted_at, size = new_id(), time.time(), image_size(request)
         pushed = await self._add_script(
-            keys=[self._key("pending"), self._key("job", ""), self._key("job", job_id), self._key("request", job_id)],
+            keys=[self._key("pending"), self._key("job", ""), self._key("job", job_id), self._key("request", job_id),
+                  self._key("queued")],
             args=[self._queue_size, job_id, self._queue_bytes, size, repr(submitted_at), jobcodec.encode(request),
-                  UNFINISHED_TTL_S])
+                  UNFINISHED_TTL_S, int(request.image_kind == "url"), request.tenant])
         if pushed[0] < 0:
             raise queue_full(self._queue_size) if pushed[0] == -1 else queue_bytes_full(pushed[1], size,
                                                                                       self._queue_bytes)
         length = pushed[1]
-        return JobSnapshot(job_id, JobState.IN_QUEUE, length - 1, 0.0, (), None, submitted_at, None, None, 1)
+        return JobSnapshot(job_id, JobState.IN_QUEUE, length - 1, 0.0, (), None, submitted_at, None, None, 1,
+                           request.tenant)
 
     @_redis_errors_unavailable
     async def snapshot(self, job_id: str) -> JobSnapshot:
@@ -397,11 +424,16 @@ class RedisJobStore:
     def unfinished_here(self) -> list[str]:
         return []  # every replica answers for every job
 
+    def finished_here_since(self, since: float) -> list[str]:
+        return []  # every replica answers for every job
+
     # -- workers -----------------------------------------------------------------------------------------------
     @_redis_errors_unavailable
-    async def claim(self, timeout_s: float) -> Claim | None:
+    async def claim(self, timeout_s: float, url: bool | None = None) -> Claim | None:
         pending, mine = self._key("pending"), self._key("running", self.replica_id)
-        if timeout_s > 0:
+        if url is not None:
+            raw = await self._take_of_kind(url, timeout_s)
+        elif timeout_s > 0:
             raw = await self._redis.blmove(pending, mine, math.ceil(timeout_s), "LEFT", "RIGHT")
         else:
             raw = await self._redis.lmove(pending, mine, "LEFT", "RIGHT")
@@ -417,6 +449,38 @@ class RedisJobStore:
         finally:
             if claim is None:
                 self._let_go(job_id)
+
+    async def _take_of_kind(self, url: bool, timeout_s: float) -> Any:
+        """The id `_TAKE_KIND` moved to this replica's running list, polled for up to `timeout_s`."""
+        keys = [self._key("pending"), self._key("running", self.replica_id), self._key("job", "")]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            queued = self._queued  # taken before looking: a job queued meanwhile sets it
+            if (raw := await self._take_kind(keys=keys, args=["1" if url else "0"])) is not None:
+                return raw
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(queued.wait(), min(KIND_POLL_S, left))
+
+    async def _listen_queued(self) -> None:
+        """Wake the claims of one kind whenever a job enters `pending` (any replica's `queued` message)."""
+        while True:
+            try:
+                pubsub = self._redis.pubsub()
+                try:
+                    await pubsub.subscribe(self._key("queued"))
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=KIND_POLL_S)
+                        if message is not None:
+                            self._queued.set()
+                            self._queued = asyncio.Event()
+                finally:
+                    await pubsub.aclose()
+            except redis.RedisError as e:
+                log.warning("job queue: lost the `queued` channel (%s); resubscribing", e)
+                await asyncio.sleep(RECONNECT_S)  # a timer before reconnecting; claims poll meanwhile
 
     async def _claim_listed(self, job_id: str, mine: str) -> Claim | None:
         """Claim a job whose id was just moved to this replica's running list."""
@@ -619,6 +683,7 @@ class RedisJobStore:
             if outcome == 1:
                 await self._log(job_id, f"the replica running this request ({replica}) stopped; queued again")
                 await self._beats.publish(self._key("moved"), job_id)
+                await self._beats.publish(self._key("queued"), job_id)
                 log.warning("job queue: requeued %s from replica %s", job_id, replica)
             elif outcome == 0:
                 await self._after_failing_lost(job_id)
@@ -640,6 +705,7 @@ class RedisJobStore:
     async def _hand_back(self, running: str, job_id: str) -> None:
         """`job_id` from `running` to the front of the queue, not counted as an attempt."""
         await self._requeue(keys=self._requeue_keys(running), args=[job_id, "0", MAX_ATTEMPTS, repr(time.time())])
+        await self._beats.publish(self._key("queued"), job_id)
 
     def _requeue_keys(self, running: str) -> list[str]:
         return [running, self._key("pending"), self._key("job", ""), self._key("events", "")]
@@ -670,4 +736,5 @@ def _snapshot(job_id: str, fields: dict[str, str], logs: list[bytes], position: 
     entries = tuple((float(t), str(m)) for t, m in (json.loads(e) for e in logs))
     return JobSnapshot(job_id, JobState[fields["state"]], position if position is not None else 0,
                        float(fields.get("progress", 0)), entries, error, float(fields["submitted_at"]),
-                       time_or_none("started_at"), time_or_none("finished_at"), int(fields.get("version", 0)))
+                       time_or_none("started_at"), time_or_none("finished_at"), int(fields.get("version", 0)),
+                       fields.get("tenant", ""))

@@ -1,13 +1,19 @@
 """The data plane every protocol adapter (gRPC today) calls: submit, status, watch, result, cancel, and
-run-now for callers that wait on their job, over one store and its worker. Nothing here knows a protocol."""
+run-now for callers that wait on their job, over one store and its worker. Nothing here knows a protocol.
+
+Tenants: a request carries the tenant that submitted it; `status`, `watch`, `result` and `cancel` given a
+`tenant` (as every adapter gives the caller's) treat a job of another tenant as unknown, with the very error of
+an unknown id. Without a `tenant` (this layer's own calls) they see every job."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 
-from ..admission import admit
+from ..admission import admit, admit_webhook
 from ..domain import SegmentRequest
 from ..errors import Overloaded
 from ..limits import AdmissionLimits
@@ -16,6 +22,7 @@ from .store import JobStore
 from .worker import Worker
 
 CANCEL_WAIT_S = 5.0  # how long an expired drain waits for running jobs to stop at their next batch
+ASKED_KEPT = 10_000  # ids whose outcome was asked for, remembered so that a drain need not wait for them
 
 
 class JobService:
@@ -29,6 +36,7 @@ class JobService:
         self._stopping = False  # calls cut from here on leave their jobs to the replicas that run them
         self._waiting_calls = 0
         self._unfetched: set[str] = set()  # while draining: jobs whose clients may still ask for the outcome
+        self._asked: collections.OrderedDict[str, None] = collections.OrderedDict()  # the latest ASKED_KEPT
         self._fetches_changed = asyncio.Event()
         self._calls_changed = asyncio.Condition()
 
@@ -46,20 +54,23 @@ class JobService:
         if not self._accepting:
             raise shutting_down()
         admit(request, self.limits)
+        if request.webhook_url:
+            await admit_webhook(request.webhook_url, self.limits)
         return await self.store.add(request)
 
-    async def status(self, job_id: str) -> JobSnapshot:
-        snapshot = await self.store.snapshot(_issued(job_id))
+    async def status(self, job_id: str, tenant: str | None = None) -> JobSnapshot:
+        snapshot = _owned(await self.store.snapshot(_issued(job_id)), tenant)
         if snapshot.state.terminal and snapshot.state is not JobState.COMPLETED:
             self._fetched(job_id)  # a failure or cancellation is all there is to see
         return snapshot
 
-    def watch(self, job_id: str) -> AsyncGenerator[JobSnapshot, None]:
+    def watch(self, job_id: str, tenant: str | None = None) -> AsyncGenerator[JobSnapshot, None]:
         """The current state, then every change, ending with a terminal state; `Overloaded` (on the first
         step) when max_streams are open already."""
-        return self._stream(self.store.changes(_issued(job_id)))
+        return self._stream(self.store.changes(_issued(job_id)), tenant)
 
-    async def _stream(self, changes: AsyncGenerator[JobSnapshot, None]) -> AsyncGenerator[JobSnapshot, None]:
+    async def _stream(self, changes: AsyncGenerator[JobSnapshot, None],
+                      tenant: str | None) -> AsyncGenerator[JobSnapshot, None]:
         async with contextlib.aclosing(changes):
             if self.max_streams and self.streams >= self.max_streams:
                 raise Overloaded(f"{self.max_streams} status streams are open on this server, its bound; "
@@ -67,7 +78,7 @@ class JobService:
             self.streams += 1
             try:
                 async for snapshot in changes:
-                    yield snapshot
+                    yield _owned(snapshot, tenant)
             finally:
                 self.streams -= 1
 
@@ -78,18 +89,26 @@ class JobService:
                     return snapshot
         raise AssertionError("a job's changes end with a terminal state")
 
-    async def result(self, job_id: str) -> JobResult:
+    async def result(self, job_id: str, tenant: str | None = None) -> JobResult:
+        if tenant is not None:  # before the result: a failed job's result is its error, which would tell
+            _owned(await self.store.snapshot(_issued(job_id)), tenant)
         try:
             return await self.store.result(_issued(job_id))
         finally:
             self._fetched(job_id)
 
     def _fetched(self, job_id: str) -> None:
+        self._asked[job_id] = None
+        self._asked.move_to_end(job_id)
+        if len(self._asked) > ASKED_KEPT:
+            self._asked.popitem(last=False)
         if job_id in self._unfetched:
             self._unfetched.discard(job_id)
             self._fetches_changed.set()
 
-    async def cancel(self, job_id: str) -> tuple[CancelOutcome, JobSnapshot]:
+    async def cancel(self, job_id: str, tenant: str | None = None) -> tuple[CancelOutcome, JobSnapshot]:
+        if tenant is not None:
+            _owned(await self.store.snapshot(_issued(job_id)), tenant)
         return await self.store.cancel(_issued(job_id))
 
     @contextlib.asynccontextmanager
@@ -121,14 +140,16 @@ class JobService:
         """Refuse new jobs; within `timeout_s`, let the worker finish its jobs (in-process: the queued ones
         too), then let waiting calls whose jobs run elsewhere see them end. True if everything finished.
 
-        Jobs only this process knows of (in-process queue) then stay answerable: for up to `results_grace_s`
-        (within `timeout_s`), until the outcome of each was asked for (GetResult, or a GetStatus that saw it
-        fail). If time runs out first they are cancelled, so their clients see CANCELLED, not a vanished
-        server."""
+        Jobs only this process knows of (in-process queue), those unfinished at the start and those that
+        ended within `results_grace_s` before it, then stay answerable: for up to `results_grace_s` (within
+        `timeout_s`), until the outcome of each was asked for (GetResult, or a GetStatus that saw it fail).
+        If time runs out first the unfinished ones are cancelled, so their clients see CANCELLED, not a
+        vanished server."""
         self._accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        self._unfetched = set(self.store.unfinished_here())
+        recent = self.store.finished_here_since(time.time() - results_grace_s) if results_grace_s > 0 else []
+        self._unfetched = {*self.store.unfinished_here(), *(j for j in recent if j not in self._asked)}
         drained = await self.worker.drain(timeout_s)
         drained = await self._wait_for_waiting_calls(max(0.0, deadline - loop.time())) and drained
         if drained:
@@ -177,6 +198,13 @@ class JobService:
             self._waiting_calls -= 1
             async with self._calls_changed:
                 self._calls_changed.notify_all()
+
+
+def _owned(snapshot: JobSnapshot, tenant: str | None) -> JobSnapshot:
+    """`snapshot`, if its job is `tenant`'s (or `tenant` is None); else NOT_FOUND as for an unknown id."""
+    if tenant is not None and snapshot.tenant != tenant:
+        raise not_found(snapshot.id)
+    return snapshot
 
 
 def _issued(job_id: str) -> str:

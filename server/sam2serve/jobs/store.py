@@ -63,10 +63,16 @@ class JobStore(Protocol):
         job; a shared store: none, other replicas answer for them)."""
         ...
 
+    def finished_here_since(self, since: float) -> list[str]:
+        """Jobs whose state and result only this process holds that ended at or after `since` (wall clock),
+        newest first (in-process: those; a shared store: none)."""
+        ...
+
     # -- workers, on the event loop --------------------------------------------------------------------------
-    async def claim(self, timeout_s: float) -> Claim | None:
+    async def claim(self, timeout_s: float, url: bool | None = None) -> Claim | None:
         """The next queued job, now IN_PROGRESS and held by the returned claim; None when none came within
-        `timeout_s` (0: don't wait)."""
+        `timeout_s` (0: don't wait). `url` True: the next whose image is a URL; False: the next whose image
+        is not; None: the next."""
         ...
 
     async def finish(self, claim: Claim, state: JobState, outcome: SegmentOutcome | None = None,

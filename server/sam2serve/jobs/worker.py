@@ -4,10 +4,12 @@ close. What a run may write goes through its claim, so the store can refuse a cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, TypeVar
 
@@ -22,6 +24,7 @@ CLAIM_WAIT_S = 1.0  # a worker's wait for a job between looks at the drain flag
 FETCH_POLL_S = 0.25  # how often a job in the fetch stage looks whether it should stop
 RETRY_AFTER_S = 5.0  # a worker's pause after its store was unreachable
 Fetched = TypeVar("Fetched")
+T = TypeVar("T")
 
 
 class Runner(Protocol[Fetched]):
@@ -43,6 +46,15 @@ class _ClaimControl:
         self._store, self._claim, self._closing = store, claim, closing
         self._deadline = time.monotonic() + time_limit_s if time_limit_s > 0 else math.inf
         self.timed_out = False
+
+    @contextlib.asynccontextmanager
+    async def clock_stopped(self) -> AsyncIterator[None]:
+        """The time limit counts the job's own work, not its wait for a free compute worker."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self._deadline += time.monotonic() - start
 
     def should_stop(self) -> bool:
         if time.monotonic() > self._deadline:
@@ -66,14 +78,16 @@ class Worker:
         self._time_limit_s = time_limit_s  # per run of a job; 0: none
         # workers=0: a replica that accepts and answers but runs nothing (the others do)
         self._executor = ThreadPoolExecutor(max_workers=max(workers, 1), thread_name_prefix="sam2serve-job")
-        # The fetch stage: jobs whose image is a URL are fetched here, on their own threads, so that a slow or
-        # hanging upstream holds a fetch slot (at most `fetchers` jobs), never one of the `workers` compute slots.
+        # The fetch stage: jobs whose image is a URL are claimed by its own loop, only when it has room, and
+        # fetched on its own threads, so that a slow or hanging upstream holds a fetch slot (at most `fetchers`
+        # jobs), never a compute worker: the workers claim only jobs whose image came with the request.
         self._fetchers = fetchers
         self._fetch_executor = ThreadPoolExecutor(max_workers=max(fetchers, 1), thread_name_prefix="sam2serve-fetch")
         self._fetch_room = asyncio.Semaphore(max(fetchers, 1))  # URL jobs claimed and not yet computing
         self._compute = asyncio.Semaphore(max(workers, 1))
         self._fetching: set[asyncio.Task[None]] = set()
         self._draining = False
+        self._drain_begun = asyncio.Event()  # wakes the loops waiting for a job, so that a drain ends at once
         self._closing = threading.Event()  # running jobs stop at their next batch; shared stores hand them back
         self._running = 0  # read by metrics scrapes on another thread
         self._tasks: list[asyncio.Task[None]] = []
@@ -83,12 +97,17 @@ class Worker:
         return self._running
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work(), name=f"sam2serve-worker-{i}") for i in range(self._workers)]
+        apart = self._fetchers > 0
+        self._tasks = [asyncio.create_task(self._work(url=False if apart else None), name=f"sam2serve-worker-{i}")
+                       for i in range(self._workers)]
+        if apart and self._workers > 0:
+            self._tasks.append(asyncio.create_task(self._dispatch_fetches(), name="sam2serve-fetch-stage"))
 
     async def drain(self, timeout_s: float) -> bool:
         """Take no new jobs, except that a store nobody else serves is worked off first; wait until running
         jobs finish (True) or the timeout passes. Queued jobs of a shared store stay for the other replicas."""
         self._draining = True
+        self._drain_begun.set()
         if not self._tasks:
             return True
         loop = asyncio.get_running_loop()
@@ -111,31 +130,19 @@ class Worker:
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._fetch_executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _work(self) -> None:
+    async def _work(self, url: bool | None) -> None:
+        """A compute worker: claim a job (`url` None: any; False: only those whose image came with the
+        request) and run it. It never waits on a download: URL jobs are the fetch stage's."""
         while not (self._draining and self._store.shared):
             try:
-                claim = await self._store.claim(0 if self._draining else CLAIM_WAIT_S)
+                claim = await self._next_claim(url)
                 if claim is None:
                     if self._draining:
                         return  # the queue is empty
                     continue
                 self._running += 1
-                if self._draining and self._store.shared:  # drain began while waiting: leave it to others
-                    try:
-                        await self._store.hand_back(claim)
-                    finally:
-                        self._finished_with(claim)
+                if await self._handed_back_while_draining(claim):
                     return
-                if self._fetchers > 0 and claim.request.image_kind == "url":
-                    try:  # when `fetchers` URL jobs are fetching already, this one waits for one of them
-                        await self._fetch_room.acquire()  # held until the job starts computing
-                    except BaseException:
-                        self._finished_with(claim)
-                        raise
-                    task = asyncio.create_task(self._logged(self._run(claim, fetch_apart=True)))
-                    self._fetching.add(task)
-                    task.add_done_callback(self._fetching.discard)
-                    continue
                 await self._run(claim, fetch_apart=False)
             except asyncio.CancelledError:
                 raise
@@ -144,6 +151,68 @@ class Worker:
                 await asyncio.sleep(RETRY_AFTER_S)  # back off; the store reconnects
             except Exception:
                 log.exception("job queue: worker error; continuing")
+
+    async def _dispatch_fetches(self) -> None:
+        """The fetch stage's one claimer: while fewer than `fetchers` URL jobs are fetched and not yet
+        computing, claim the next URL job (in queue order) and fetch it apart; else claim nothing, so that the
+        waiting URL jobs stay queued (cancellable, and free for other replicas) and take no worker."""
+        while not (self._draining and self._store.shared):
+            await self._fetch_room.acquire()  # held until the claimed job starts computing (or ends)
+            handed_off = False
+            try:
+                claim = await self._next_claim(url=True)
+                if claim is None:
+                    if self._draining:
+                        return
+                    continue
+                self._running += 1
+                if await self._handed_back_while_draining(claim):
+                    return
+                task = asyncio.create_task(self._logged(self._run(claim, fetch_apart=True)))
+                handed_off = True
+                self._fetching.add(task)
+                task.add_done_callback(self._fetching.discard)
+            except asyncio.CancelledError:
+                raise
+            except QueueUnavailable as e:
+                log.warning("job queue: store unreachable in the fetch stage (%s); retrying", e)
+                await asyncio.sleep(RETRY_AFTER_S)
+            except Exception:
+                log.exception("job queue: fetch stage error; continuing")
+            finally:
+                if not handed_off:
+                    self._fetch_room.release()
+
+    async def _next_claim(self, url: bool | None) -> Claim | None:
+        """The next job of the kind, waiting up to CLAIM_WAIT_S, or less if a drain begins meanwhile (then
+        the loop looks once more without waiting)."""
+        if self._draining:
+            return await self._store.claim(0, url=url)
+        claiming = asyncio.create_task(self._store.claim(CLAIM_WAIT_S, url=url))
+        drain = asyncio.create_task(self._drain_begun.wait())
+        try:
+            await asyncio.wait({claiming, drain}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drain.cancel()
+            if not claiming.done():
+                claiming.cancel()
+            # a claim made just as it was cancelled is still this loop's job
+            outcome = (await asyncio.gather(claiming, return_exceptions=True))[0]
+        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+            raise outcome
+        if isinstance(outcome, Claim):
+            return outcome
+        return await self._store.claim(0, url=url) if self._draining else None
+
+    async def _handed_back_while_draining(self, claim: Claim) -> bool:
+        """Drain began while waiting for a shared store's job: leave it to the other replicas."""
+        if not (self._draining and self._store.shared):
+            return False
+        try:
+            await self._store.hand_back(claim)
+        finally:
+            self._finished_with(claim)
+        return True
 
     def _finished_with(self, claim: Claim) -> None:
         self._running -= 1
@@ -157,6 +226,19 @@ class Worker:
             log.warning("job queue: store unreachable while finishing a job (%s)", e)
         except Exception:
             log.exception("job queue: worker error; continuing")
+
+    async def fetch(self, download: Callable[[], T]) -> T:
+        """Run `download` in the fetch stage, beside the URL jobs: within its room (waiting for a slot), on
+        its threads; the slot frees when the thread ends, even if the caller left before."""
+        loop = asyncio.get_running_loop()
+        await self._fetch_room.acquire()
+        try:
+            running = self._fetch_executor.submit(download)
+        except BaseException:
+            self._fetch_room.release()
+            raise
+        running.add_done_callback(lambda _: loop.call_soon_threadsafe(self._fetch_room.release))
+        return await asyncio.wrap_future(running)
 
     async def _fetched_apart(self, claim: Claim, control: _ClaimControl) -> Any:
         """The fetch stage of a URL job, on the fetch threads; Cancelled as soon as the job should stop (the
@@ -189,7 +271,8 @@ class Worker:
             if fetch_apart:
                 fetched = await self._fetched_apart(claim, control)
                 try:
-                    await self._compute.acquire()
+                    async with control.clock_stopped():
+                        await self._compute.acquire()
                 finally:
                     self._fetch_room.release()
                 try:
@@ -198,7 +281,9 @@ class Worker:
                 finally:
                     self._compute.release()
             else:
-                async with self._compute:
+                async with control.clock_stopped():
+                    await self._compute.acquire()
+                async with _releasing(self._compute):
                     fetched = await loop.run_in_executor(self._executor, self._runner.fetch, claim.request, control)
                     outcome = await loop.run_in_executor(self._executor, self._runner.compute, claim.request,
                                                          fetched, control)
@@ -222,3 +307,11 @@ class Worker:
         if not await self._store.finish(claim, state, outcome=outcome, error=error):
             log.warning("job queue: %s was taken over by another claim; its %s here is dropped", claim.job_id,
                         state.name)
+
+
+@contextlib.asynccontextmanager
+async def _releasing(semaphore: asyncio.Semaphore) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        semaphore.release()

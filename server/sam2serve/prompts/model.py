@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ class ImageSource:
 
     kind: str
     value: str | bytes
+    fetched: bytes | None = field(default=None, repr=False, compare=False)  # an image_url's body, downloaded
 
 
 @dataclass(frozen=True)
@@ -77,12 +79,16 @@ class PromptLimits:
 class PredictedMask:
     index: int  # token order, as SAM2ImagePredictor.predict returns the masks
     score: float  # predicted IoU
-    mask: np.ndarray  # HxW bool, the full-resolution mask (logits > mask threshold)
+    full_res: Callable[[], np.ndarray]  # makes the HxW bool mask (logits > threshold) again; not kept
     area: int
     bbox: list[int]  # XYWH; empty for an empty mask
     logits_id: str  # mask_input_id that refines this mask
     image: EncodedImage | None = None
     rle: dict[str, Any] | None = None  # {"size": [H, W], "counts": str}
+
+    def mask(self) -> np.ndarray:
+        """The full-resolution mask, made from its low-res logits on each call (48 kept at 40 MP were 1.9 GB)."""
+        return self.full_res()
 
 
 @dataclass

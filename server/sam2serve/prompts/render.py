@@ -6,6 +6,7 @@ image size (`postprocess_masks`, no hole filling at its defaults) and thresholde
 
 from __future__ import annotations
 
+import functools
 import time
 
 import cv2
@@ -25,7 +26,7 @@ def render_masks(low_res: np.ndarray, scores: np.ndarray, image_hw: tuple[int, i
     masks = []
     for k in range(len(scores)):
         start = time.perf_counter()
-        mask = upsample_logits(low_res[k], image_hw) > threshold
+        mask = full_res_mask(low_res[k], image_hw, threshold)
         as_u8 = mask.view(np.uint8)
         area = cv2.countNonZero(as_u8)
         x, y, w, h = cv2.boundingRect(as_u8)
@@ -36,6 +37,13 @@ def render_masks(low_res: np.ndarray, scores: np.ndarray, image_hw: tuple[int, i
         rle = encode_rle(mask) if outputs.rle else None
         timings["postprocess"] = timings.get("postprocess", 0.0) + middle - start
         timings["output"] = timings.get("output", 0.0) + time.perf_counter() - middle
-        masks.append(PredictedMask(index=k, score=float(scores[k]), mask=mask, area=int(area), bbox=bbox,
-                                   logits_id=logits_ids[k], image=picture, rle=rle))
+        masks.append(PredictedMask(index=k, score=float(scores[k]),
+                                   full_res=functools.partial(full_res_mask, low_res[k], image_hw, threshold),
+                                   area=int(area), bbox=bbox, logits_id=logits_ids[k], image=picture, rle=rle))
+        del mask, as_u8  # the next mask may take its place: one full-resolution mask alive at a time
     return masks
+
+
+def full_res_mask(low_res: np.ndarray, image_hw: tuple[int, int], threshold: float) -> np.ndarray:
+    """SAM2ImagePredictor's full-resolution mask of one mask's [256, 256] logits."""
+    return upsample_logits(low_res, image_hw) > threshold

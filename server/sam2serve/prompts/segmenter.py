@@ -37,11 +37,12 @@ class CachedEmbedding:
     features: ImageFeatures
     height: int
     width: int
+    context_bytes: int = 0  # the factored decoder's context, which lives as long as `features` do
 
     @property
     def nbytes(self) -> int:
         f = self.features
-        return int(f.image_embed.nbytes + f.high_res_feats_0.nbytes + f.high_res_feats_1.nbytes)
+        return int(f.image_embed.nbytes + f.high_res_feats_0.nbytes + f.high_res_feats_1.nbytes) + self.context_bytes
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class PromptSegmenter:
             check(cached.width, cached.height)
             return EmbeddedImage(image_id, cached.width, cached.height, True,
                                  timings={"image": time.perf_counter() - start, "encoder": 0.0}), cached
-        loaded = load_image(source.kind, source.value, self.input_limits)
+        loaded = load_image(source.kind, source.value, self.input_limits, source.fetched)
         check(loaded.width, loaded.height)
         image_id = image_id_of(loaded.rgb, self.model)
         image_s = time.perf_counter() - start
@@ -137,12 +138,21 @@ class PromptSegmenter:
             began = time.perf_counter()
             m = self.engine.manifest
             features = self.engine.encode(to_model_input(loaded.rgb, m.image_size, m.pixel_mean, m.pixel_std))
+            context_bytes = self._context_bytes(features)
             encoder_s = time.perf_counter() - began
-            return CachedEmbedding(features, loaded.height, loaded.width)
+            return CachedEmbedding(features, loaded.height, loaded.width, context_bytes)
 
         embedding, cached = self.cache.get_or_compute(image_id, IMAGE, encode)
         return EmbeddedImage(image_id, loaded.width, loaded.height, cached, loaded.rgb,
                              {"image": image_s, "encoder": encoder_s}), embedding
+
+    def _context_bytes(self, features: ImageFeatures) -> int:
+        """With a factored decoder, its context of `features` (≈ 45 MB, kept while they live), made now so that
+        the cache's budget counts it."""
+        factored = getattr(self.engine, "factored", None)
+        if factored is None:
+            return 0
+        return sum(int(tensor.nbytes) for tensor in factored.context(features).values())
 
     @staticmethod
     def _logits_key(logits_id: str) -> tuple[str, int]:

@@ -1,33 +1,38 @@
-"""Optional API-key authentication: `authorization: Key <key>` (as fal) or `Bearer <key>`, for every protocol."""
+"""Optional API-key authentication: `authorization: Key <key>` (as fal) or `Bearer <key>`, for every protocol;
+each key names its tenant (`sam2serve.tenants`)."""
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 
+from ..tenants import DEFAULT_TENANT, ApiKeys
 from .handlers import rebuilt
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes and discovery stay reachable
 MISSING_KEY = "missing or invalid API key: send 'Authorization: Key <key>' (or 'Bearer <key>')"
 
 
-def key_matches(authorization: str | bytes, key: bytes) -> bool:
-    """Whether an authorization header/metadata value carries `key` (compared in constant time)."""
-    text = authorization.decode(errors="replace") if isinstance(authorization, bytes) else authorization
-    scheme, _, token = text.partition(" ")
-    return scheme.lower() in ("key", "bearer") and hmac.compare_digest(token.strip().encode(), key)
+def tenant_of(keys: ApiKeys, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The caller's tenant from gRPC metadata (its `authorization` entry); None when it carries no key of `keys`
+    (without keys, everyone is the default tenant)."""
+    if not keys.required:
+        return DEFAULT_TENANT
+    for name, value in metadata or ():
+        if name == "authorization" and (tenant := keys.tenant_of(value)) is not None:
+            return tenant
+    return None
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, api_key: str, on_reject: Callable[[], None] = lambda: None) -> None:
-        self._key = api_key.encode()
+    def __init__(self, keys: ApiKeys, on_reject: Callable[[], None] = lambda: None) -> None:
+        self._keys = keys
         self._on_reject = on_reject
 
     def _authorised(self, metadata: tuple[tuple[str, str | bytes], ...]) -> bool:
-        return any(name == "authorization" and key_matches(value, self._key) for name, value in metadata)
+        return tenant_of(self._keys, metadata) is not None
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],

@@ -32,22 +32,35 @@ def receive_limit(max_message_bytes: int, max_image_bytes: int) -> int:
     return min(max_message_bytes, -(-max_image_bytes // 3) * 4 + REQUEST_SLACK_BYTES)
 
 
+def pending_call_limits(max_concurrent_rpcs: int) -> list[tuple[str, int]]:
+    """gRPC core's bounds on calls that arrived but that the Python server has not yet taken up. Its defaults
+    (1 000, then random refusals up to 3 000) cut calls with a bare CANCELLED and no message when a burst
+    arrives faster than the event loop takes them (e.g. 4 000 status streams opened at once, under the
+    4 096-stream bound); tied to --max-concurrent-rpcs, whose refusal is RESOURCE_EXHAUSTED with a message."""
+    if not max_concurrent_rpcs:
+        return []
+    return [("grpc.server.max_pending_requests", max_concurrent_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", max_concurrent_rpcs)]
+
+
 class GrpcAdapter:
     protocol = "grpc"
 
     def __init__(self, app: App) -> None:
         config = app.config
         info = server_info(app)
+        keys = config.keys()
         self.servicer = AutoSegmentServicer(app.jobs, info, RequestLimits.of(config), config.max_message_bytes,
-                                            app.metrics)
+                                            app.metrics, keys)
         self.prompt_servicer = PromptSegmentServicer(app.prompts, info.model, config.max_message_bytes, app.metrics)
         options = [("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.max_receive_message_length", receive_limit(config.max_message_bytes,
                                                                      config.max_image_bytes)),
-                   ("grpc.so_reuseport", 0)]  # a second server on a port in use fails instead of sharing it
+                   ("grpc.so_reuseport", 0),  # a second server on a port in use fails instead of sharing it
+                   *pending_call_limits(config.max_concurrent_rpcs)]
         interceptors: list[grpc.aio.ServerInterceptor] = (
-            [ApiKeyInterceptor(config.api_key, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
-            if config.api_key else [])
+            [ApiKeyInterceptor(keys, app.metrics.rejected.labels("unauthenticated", "grpc").inc)]
+            if keys.required else [])
         interceptors.append(UndecodableRequests(app.metrics.rejected.labels("invalid_argument", "grpc").inc))
         self.server = grpc.aio.server(options=options, interceptors=interceptors,
                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)

@@ -9,17 +9,21 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 import grpc
 
+from ..domain import SegmentRequest
 from ..error_table import error_code
-from ..errors import ResultTooLarge
+from ..errors import ResultTooLarge, Unauthenticated
 from ..jobs import CancelOutcome, JobResult, JobService
 from ..metrics import Metrics
 from ..request_fields import RequestLimits
+from ..tenants import ApiKeys
 from ..v1 import sam2serve_pb2 as pb
 from ..v1 import sam2serve_pb2_grpc as pb_grpc
+from .auth import MISSING_KEY, tenant_of
 from .convert import to_response, to_segment_request, to_status
 
 log = logging.getLogger(__name__)
@@ -100,12 +104,23 @@ def observed(rpc: Callable[..., Any]) -> Callable[..., Any]:
 
 class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     def __init__(self, jobs: JobService, info: pb.ServerInfo, limits: RequestLimits, max_message_bytes: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, keys: ApiKeys | None = None) -> None:
         self.jobs = jobs
+        self.keys = keys or ApiKeys()
         self.info = info
         self.limits = limits
         self.max_message_bytes = max_message_bytes
         self.metrics = metrics
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant (the interceptor let only callers with a key through)."""
+        tenant = tenant_of(self.keys, context.invocation_metadata())
+        if tenant is None:
+            raise Unauthenticated(MISSING_KEY)
+        return tenant
+
+    def _request(self, request: pb.AutoSegmentRequest, context: grpc.aio.ServicerContext) -> SegmentRequest:
+        return replace(to_segment_request(request, self.limits), tenant=self._tenant(context))
 
     def _response(self, result: JobResult) -> pb.AutoSegmentResponse:
         response = to_response(result, self.info.model)
@@ -119,37 +134,37 @@ class AutoSegmentServicer(pb_grpc.AutoSegmentServiceServicer):
     @observed
     async def AutoSegment(self, request: pb.AutoSegmentRequest,
                           context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
-        return self._response(await self.jobs.run(to_segment_request(request, self.limits)))
+        return self._response(await self.jobs.run(self._request(request, context)))
 
     @observed
     async def Submit(self, request: pb.AutoSegmentRequest, context: grpc.aio.ServicerContext) -> pb.SubmitResponse:
-        snapshot = await self.jobs.submit(to_segment_request(request, self.limits))
+        snapshot = await self.jobs.submit(self._request(request, context))
         return pb.SubmitResponse(request_id=snapshot.id, queue_position=snapshot.queue_position)
 
     @observed
     async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.RequestStatus:
-        return to_status(await self.jobs.status(request.request_id), request.logs)
+        return to_status(await self.jobs.status(request.request_id, self._tenant(context)), request.logs)
 
     @observed
     async def WatchStatus(self, request: pb.StatusRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.RequestStatus]:
-        async for snapshot in self.jobs.watch(request.request_id):
+        async for snapshot in self.jobs.watch(request.request_id, self._tenant(context)):
             yield to_status(snapshot, request.logs)
 
     @observed
     async def GetResult(self, request: pb.ResultRequest,
                         context: grpc.aio.ServicerContext) -> pb.AutoSegmentResponse:
-        return self._response(await self.jobs.result(request.request_id))
+        return self._response(await self.jobs.result(request.request_id, self._tenant(context)))
 
     @observed
     async def Cancel(self, request: pb.CancelRequest, context: grpc.aio.ServicerContext) -> pb.CancelResponse:
-        outcome, snapshot = await self.jobs.cancel(request.request_id)
+        outcome, snapshot = await self.jobs.cancel(request.request_id, self._tenant(context))
         return pb.CancelResponse(outcome=_CANCEL[outcome], status=to_status(snapshot, False))
 
     @observed
     async def Subscribe(self, request: pb.AutoSegmentRequest,
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SubscribeEvent]:
-        async with self.jobs.attached(to_segment_request(request, self.limits)) as job:
+        async with self.jobs.attached(self._request(request, context)) as job:
             async for snapshot in self.jobs.watch(job.id):
                 yield pb.SubscribeEvent(status=to_status(snapshot, True))
             yield pb.SubscribeEvent(result=self._response(await self.jobs.result(job.id)))

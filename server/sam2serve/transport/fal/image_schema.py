@@ -68,7 +68,7 @@ def output_image(outcome: PromptOutcome, options: ImageOptions) -> EncodedImage:
     """fal's `image`: the union of every prompt set's best mask, or the photo with it applied."""
     mask = np.zeros((outcome.image.height, outcome.image.width), bool)
     for result in outcome.results:
-        mask |= result.masks[result.best_index].mask
+        mask |= result.masks[result.best_index].mask()
     if not options.apply_mask:
         return encode_image(mask, options.output_format, "mask")
     rgb = outcome.image.rgb

@@ -28,7 +28,7 @@ import logging
 import mimetypes
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -49,7 +49,8 @@ from ...limits import describe_bytes
 from ...metrics import Metrics
 from ...prompts import PromptWorkers
 from ...request_fields import RequestLimits
-from ..auth import MISSING_KEY, key_matches
+from ...tenants import ApiKeys
+from ..auth import MISSING_KEY
 from . import image_schema, schema
 from .uploads import UPLOAD_PATH, Uploads, keep, token_of
 
@@ -69,7 +70,7 @@ class FalSettings:
     limits: RequestLimits
     max_image_bytes: int
     result_ttl_s: float
-    api_key: str = ""
+    keys: ApiKeys = field(default_factory=ApiKeys)  # the API keys and their tenants; none: no authentication
     public_url: str = ""  # the base of every URL handed out (behind a load balancer); "" = the request's own
     warning: str = ""  # said in a header of every response and first in every log list (untrained weights)
 
@@ -90,7 +91,7 @@ def endpoint(rpc: str, public: bool = False) -> Callable[[Handler], Handler]:
             request.state.rpc = rpc
             try:
                 if not public:
-                    self.authorise(request)
+                    request.state.tenant = self.authorise(request)
                 return await handler(self, request)
             except Exception as e:
                 return self.failure(e)
@@ -104,7 +105,6 @@ class FalApi:
     def __init__(self, jobs: JobService, prompts: PromptWorkers, uploads: Uploads, settings: FalSettings,
                  metrics: Metrics) -> None:
         self.jobs, self.prompts, self.uploads, self.settings, self.metrics = jobs, prompts, uploads, settings, metrics
-        self._key = settings.api_key.encode()
 
     def asgi(self) -> ASGIApp:
         routes = [
@@ -136,13 +136,14 @@ class FalApi:
     @endpoint("GetStatus")
     async def status(self, request: Request) -> Response:
         _app(request)
-        return JSONResponse(self._status(request, await self.jobs.status(request.path_params["request_id"])))
+        return JSONResponse(self._status(request, await self.jobs.status(request.path_params["request_id"],
+                                                                         _tenant(request))))
 
     @endpoint("WatchStatus")
     async def stream(self, request: Request) -> Response:
         _app(request)
         job_id = request.path_params["request_id"]
-        snapshots = self.jobs.watch(job_id)
+        snapshots = self.jobs.watch(job_id, _tenant(request))
         # The first step's errors (an unknown id, the bound on open streams, an unreachable queue) are fal's
         # 404/429/503 here, before EventSourceResponse has sent its 200.
         try:
@@ -172,7 +173,7 @@ class FalApi:
     async def result(self, request: Request) -> Response:
         _app(request)
         job_id = request.path_params["request_id"]
-        result = await _job_result(self.jobs, job_id)
+        result = await _job_result(self.jobs, job_id, _tenant(request))
         return await _json_off_loop(lambda: schema.output(result.outcome, result.request, self._urls(request, job_id)),
                                     _request_id(job_id))
 
@@ -181,7 +182,7 @@ class FalApi:
         _app(request)
         job_id = request.path_params["request_id"]
         try:
-            outcome, snapshot = await self.jobs.cancel(job_id)
+            outcome, snapshot = await self.jobs.cancel(job_id, _tenant(request))
         except JobNotFound as e:
             return JSONResponse({"status": "NOT_FOUND", "detail": str(e)}, 404)
         if outcome in (CancelOutcome.CANCELLED_IN_QUEUE, CancelOutcome.CANCELLING_IN_PROGRESS):
@@ -230,10 +231,11 @@ class FalApi:
     @endpoint("GetFile")
     async def file(self, request: Request) -> Response:
         job_id, name = request.path_params["request_id"], request.path_params["file_name"]
-        image = schema.file_named((await self.jobs.result(job_id)).outcome, name)
+        image = schema.file_named((await self.jobs.result(job_id, _tenant(request))).outcome, name)
         if image is None:
             raise JobNotFound(f"request {job_id} has no file {name!r}")
-        left = schema.seconds_left((await self.jobs.status(job_id)).finished_at, self.settings.result_ttl_s)
+        left = schema.seconds_left((await self.jobs.status(job_id, _tenant(request))).finished_at,
+                                   self.settings.result_ttl_s)
         return Response(image.data, media_type=image.content_type,
                         headers={"cache-control": f"private, max-age={left}", **_request_id(job_id)})
 
@@ -262,9 +264,12 @@ class FalApi:
         return Response(data, media_type=content_type or "application/octet-stream")
 
     # -- helpers -----------------------------------------------------------------------------------------
-    def authorise(self, request: Request) -> None:
-        if self._key and not key_matches(request.headers.get("authorization", ""), self._key):
+    def authorise(self, request: Request) -> str:
+        """The caller's tenant; Unauthenticated when keys are required and it sent none of them."""
+        tenant = self.settings.keys.tenant_of(request.headers.get("authorization", ""))
+        if tenant is None:
             raise Unauthenticated(MISSING_KEY)
+        return tenant
 
     def failure(self, exc: Exception) -> Response:
         status, body, headers = self.error_response(exc)
@@ -281,8 +286,9 @@ class FalApi:
 
     async def _segment_request(self, request: Request) -> SegmentRequest:
         document = await self._document(request)
-        return schema.to_segment_request(document, await self._uploaded_image(document), self.settings.limits,
-                                         request.query_params.get("fal_webhook", ""), self._base(request))
+        segment = schema.to_segment_request(document, await self._uploaded_image(document), self.settings.limits,
+                                            request.query_params.get("fal_webhook", ""), self._base(request))
+        return replace(segment, tenant=_tenant(request))
 
     async def _document(self, request: Request) -> object:
         """The request's JSON body, parsed off the event loop."""
@@ -323,6 +329,12 @@ def _app(request: Request, exact: bool = False) -> None:
                           f"(run), not {app!r}")
 
 
+def _tenant(request: Request) -> str:
+    """The caller's tenant, as `endpoint` found it."""
+    tenant: str = request.state.tenant
+    return tenant
+
+
 def _request_id(job_id: str) -> dict[str, str]:
     return {"x-fal-request-id": job_id}
 
@@ -331,9 +343,9 @@ class _CallerLeft(asyncio.CancelledError):
     """The client of a synchronous call disconnected: the call is cancelled, and its job with it."""
 
 
-async def _job_result(jobs: JobService, job_id: str) -> JobResult:
+async def _job_result(jobs: JobService, job_id: str, tenant: str | None = None) -> JobResult:
     try:
-        return await jobs.result(job_id)
+        return await jobs.result(job_id, tenant)
     except Exception as e:
         raise schema.job_error(e) from None
 

@@ -137,7 +137,8 @@ def error(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
     code, message = error_code(exc)
     headers = {"x-fal-error-type": code.fal_type, "x-fal-retryable": "true" if code.http in (429, 503) else "false"}
     if isinstance(exc, InvalidInput):
-        detail = [{"loc": ["body", exc.field] if exc.field else ["body"], "msg": message, "type": code.fal_type,
+        loc = ["query", "fal_webhook"] if exc.field == "webhook_url" else ["body", *([exc.field] if exc.field else [])]
+        detail = [{"loc": loc, "msg": message, "type": code.fal_type,
                    "url": f"{ERRORS_DOC}#{code.fal_type}"}]
         return code.http, {"detail": detail}, headers
     return code.http, {"detail": message, "error_type": code.fal_type}, headers

@@ -31,10 +31,11 @@ class FalAdapter:
     def __init__(self, app: App) -> None:
         config = app.config
         self.uploads: Uploads = (
-            RedisUploads(config.redis_url, config.redis_prefix, config.result_ttl_seconds) if config.redis_url
+            RedisUploads(config.redis_url, config.redis_prefix, config.result_ttl_seconds, config.result_store_bytes)
+            if config.redis_url
             else MemoryUploads(config.result_ttl_seconds, config.result_store_bytes))
         settings = FalSettings(RequestLimits.of(config), config.max_image_bytes, config.result_ttl_seconds,
-                               config.api_key, config.public_url,
+                               config.keys(), config.public_url,
                                "" if app.engine.info.trained else UNTRAINED_WARNING)
         asgi = FalApi(app.jobs, app.prompts, self.uploads, settings, app.metrics).asgi()
         self._config = uvicorn.Config(asgi, log_config=None, access_log=False, lifespan="off", ws="none",

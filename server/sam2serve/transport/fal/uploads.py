@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from ...errors import QueueUnavailable
+from ...errors import Overloaded, QueueUnavailable
+from ...limits import describe_bytes
 
 UPLOAD_PATH = "/fal/uploads/"
 # an upload, or an output picture of fal-ai/sam2/image kept here (its file name after the token)
@@ -95,11 +96,16 @@ class MemoryUploads:
 
 
 class RedisUploads:
-    def __init__(self, url: str, prefix: str, ttl_s: float) -> None:
+    """Uploads shared by every replica, within `max_bytes` for all of them together (0: no budget): a PUT
+    beyond it is refused (`Overloaded`, with the budget) until older uploads expire."""
+
+    def __init__(self, url: str, prefix: str, ttl_s: float, max_bytes: int = 0) -> None:
         import redis.asyncio as aioredis
 
         self._redis = aioredis.Redis.from_url(url)
-        self._prefix, self._ttl = prefix + "upload:", max(1, int(ttl_s))
+        self._prefix, self._ttl, self._max_bytes = prefix + "upload:", max(1, int(ttl_s)), max_bytes
+        # the filled uploads' expiry times and sizes, and their total, so the budget needs no scan of the keys
+        self._books = [prefix + "uploads-expiry", prefix + "uploads-size", prefix + "uploads-bytes"]
 
     async def issue(self) -> str:
         token = secrets.token_urlsafe(24)
@@ -114,7 +120,13 @@ class RedisUploads:
     async def put(self, token: str, data: bytes) -> bool:
         # One PUT per token: only an issued, still empty key is filled (the script makes check and set atomic).
         async with _unavailable_on_redis_errors():
-            return bool(await self._redis.eval(_FILL_IF_EMPTY, 1, self._prefix + token, data, self._ttl))
+            filled, held = await self._redis.eval(_FILL_IF_EMPTY, 4, self._prefix + token, *self._books, token, data,
+                                                  self._ttl, self._max_bytes)
+        if filled < 0:
+            raise Overloaded(f"the upload store holds {describe_bytes(int(held))}; {describe_bytes(len(data))} more "
+                             f"would pass its budget of {describe_bytes(self._max_bytes)} (all replicas together); "
+                             "retry when older uploads have expired")
+        return bool(filled)
 
     async def get(self, token: str) -> bytes | None:
         async with _unavailable_on_redis_errors():
@@ -138,10 +150,23 @@ async def _unavailable_on_redis_errors() -> AsyncIterator[None]:
 _IS_EMPTY = """
 return redis.call('EXISTS', KEYS[1]) == 1 and redis.call('STRLEN', KEYS[1]) == 0
 """
+# KEYS: the token's key, expiries (zset token → expiry), sizes (hash token → bytes), total bytes held.
+# ARGV: token, data, ttl s, budget (0: none). {1, held} filled; {0, held} not an issued empty token;
+# {-1, held} over the budget. Expired uploads leave the books first.
 _FILL_IF_EMPTY = """
-if redis.call('STRLEN', KEYS[1]) == 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  return 1
+local now = tonumber(redis.call('TIME')[1])
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], old) or '0'))
+  redis.call('HDEL', KEYS[3], old)
+  redis.call('ZREM', KEYS[2], old)
 end
-return 0
+local held = tonumber(redis.call('GET', KEYS[4]) or '0')
+if redis.call('STRLEN', KEYS[1]) ~= 0 or redis.call('EXISTS', KEYS[1]) == 0 then return {0, held} end
+local budget, size = tonumber(ARGV[4]), string.len(ARGV[2])
+if budget > 0 and held + size > budget then return {-1, held} end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], size)
+redis.call('INCRBY', KEYS[4], size)
+return {1, held + size}
 """

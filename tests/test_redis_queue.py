@@ -12,12 +12,14 @@ from dataclasses import replace
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import needs_export_tools, needs_redis
 from grpc_harness import ServerThread, quick_request, slow_request, wait_for_state
 from jobfakes import outcome as _outcome
 from jobfakes import request as _request
 from jobfakes import service
+from redisproc import RedisProcess
 from sam2serve import jobcodec
 from sam2serve.amg.params import GeneratorParams
 from sam2serve.config import ServerConfig
@@ -146,6 +148,32 @@ def test_a_stopping_replica_lets_calls_finish_whose_jobs_run_elsewhere(tiny_engi
         front.channel.close()
         front.loop.call_soon_threadsafe(front.loop.stop)
         runner.stop()
+
+
+@needs_export_tools
+@needs_redis
+def test_health_follows_redis_and_the_first_calls_after_a_restart_succeed(tiny_engine, tmp_path):
+    """Before: health stayed SERVING while Redis was down, and the first AutoSegment after a restart failed
+    with UNAVAILABLE (a broken pooled connection)."""
+    redis_server = RedisProcess(tmp_path).start()
+    replica = ServerThread(ServerConfig(workers=1, redis_url=redis_server.url, redis_prefix="health:"), tiny_engine)
+    try:
+        assert replica.stub.AutoSegment(quick_request(), timeout=120).total_masks >= 1  # connections pooled
+        health = health_pb2_grpc.HealthStub(replica.channel)
+        statuses = iter(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60))
+        assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING
+        redis_server.stop()
+        assert next(statuses).status == health_pb2.HealthCheckResponse.NOT_SERVING  # within a heartbeat
+        with pytest.raises(grpc.RpcError) as down:
+            replica.stub.AutoSegment(quick_request(), timeout=60)
+        assert down.value.code() == grpc.StatusCode.UNAVAILABLE and "unreachable" in down.value.details()
+        redis_server.start()
+        assert next(statuses).status == health_pb2.HealthCheckResponse.SERVING  # by itself
+        for _ in range(2):
+            assert replica.stub.AutoSegment(quick_request(), timeout=120).total_masks >= 1
+    finally:
+        replica.stop()
+        redis_server.stop()
 
 
 # -- a replica that dies -----------------------------------------------------------------------------------

@@ -152,6 +152,8 @@ class RunningServer:
     adapters: list[Adapter]
     metrics_port: int | None = None
     _metrics_http: WSGIServer | None = field(default=None, repr=False)
+    _stopping: bool = field(default=False, repr=False)
+    _health_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
     def port(self) -> int:
@@ -171,9 +173,25 @@ class RunningServer:
         for adapter in self.adapters:
             await adapter.set_serving(serving)
 
+    def follow_store(self) -> None:
+        """Health follows the job store: NOT_SERVING while its Redis is unreachable (every call would fail),
+        SERVING again once it is back, until the server stops."""
+        self._health_task = asyncio.create_task(self._follow_store(), name="sam2serve-store-health")
+
+    async def _follow_store(self) -> None:
+        store = self.app.jobs.store
+        while True:
+            reachable = await store.reachability_changed()
+            if not self._stopping:
+                await self.set_serving(reachable)
+
     async def shutdown(self) -> bool:
         """Health NOT_SERVING, no new work; queued and running jobs, and prompt calls in flight, finish
         within the drain period."""
+        self._stopping = True
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
         await self.set_serving(False)
         self.app.prompts.accepting = False
         drained, prompts_drained = await asyncio.gather(
@@ -227,7 +245,8 @@ async def start_server(config: ServerConfig, engine: Engine | None = None) -> Ru
     await running.set_serving(False)
     for adapter in running.adapters:
         await adapter.start()
-    await running.set_serving(True)
+    await running.set_serving(app.jobs.store.reachable)
+    running.follow_store()
     log.info("serving %s (%s weights) on %s:%d", app.manifest.model, app.manifest.weights.origin, config.host,
              running.port)
     return running

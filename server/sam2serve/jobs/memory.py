@@ -51,6 +51,7 @@ class _Job:
 
 class MemoryJobStore:
     shared = False
+    reachable = True  # it is this process
 
     def __init__(self, queue_size: int = 32, result_ttl_s: float = 600.0,
                  result_store_bytes: int = 512 * 1024 * 1024, on_finished: FinishedListener | None = None,
@@ -71,6 +72,11 @@ class MemoryJobStore:
 
     async def close(self) -> None:
         """Jobs kept here end with the process."""
+
+    async def reachability_changed(self) -> bool:
+        """Never: this process's own store is always there."""
+        await asyncio.Future()
+        return True
 
     # -- callers -----------------------------------------------------------------------------------------------
     async def add(self, request: SegmentRequest) -> JobSnapshot:

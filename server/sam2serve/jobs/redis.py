@@ -29,6 +29,12 @@ and fail if that happens again, so a request that kills replicas cannot kill the
 own running list that it is not running (a reply lost to a network error) are handed back by that replica.
 The keys of a finished job expire after result_ttl_s.
 
+Faults: a command whose connection broke (Redis restarted) reconnects and runs again (redis-py's Retry), so
+every script is safe to run twice: Submit finds the job it made, a claim its token, a finish its nonce. The
+heartbeat tells whether Redis answers (`reachable`: health follows it). Status watchers share one pub/sub
+connection per replica (`redis_events.JobEvents`). What survives a restart of Redis is what its persistence
+keeps (README, "Redis: outages, restarts and persistence").
+
 Redis Streams (XREADGROUP / XAUTOCLAIM) were weighed against these lists: they would replace the running
 lists and the reaping, but not the fencing (XACK does not check who acks), a bound on waiting jobs, queue
 positions, or putting a lost job back at the front as IN_QUEUE; so the lists stay.
@@ -53,7 +59,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from .. import jobcodec
@@ -78,6 +84,7 @@ from .model import (
     result_expired,
     stored_error,
 )
+from .redis_events import JobEvents
 from .store import Claim, FinishedListener
 
 log = logging.getLogger(__name__)
@@ -86,13 +93,22 @@ LOST_AFTER_BEATS = 3
 MAX_ATTEMPTS = 2  # runs of one job; a job whose replica died twice fails
 UNFINISHED_TTL_S = 24 * 3600  # keys of a job nobody finishes (every replica gone) are not kept forever
 SOCKET_SLACK_S = 10.0  # a socket's timeout beyond the longest blocking wait, so a half-open one fails
+HEALTH_CHECK_S = 5  # a pooled connection idle this long is checked (PING) before use
+RETRIES = 4  # of a command whose connection failed: ≈ 0.05 + 0.1 + 0.2 + 0.4 s of backoff (with jitter)
 RECONNECT_S = 1.0
 KIND_POLL_S = 1.0  # a claim of one kind looks again this often even without a `queued` message (one lost)
 
 _ALLOWED = f"local allowed = {lua_transitions()}\n"
-# KEYS: pending, job key prefix. ARGV: queue size, id, image byte budget (0: none), this image's bytes.
+# A new job, queued in one step (so Submit's answer never depends on a later read), and safe to run twice (a
+# retry after a lost reply finds the job it made). KEYS: pending, job key prefix, job, request, queued channel.
+# ARGV: queue size, id, image byte budget (0: none), this image's bytes, submitted_at, encoded request, ttl,
+#       url (1: the image is a URL), tenant.
 # {1, length} queued; {-1} queue full; {-2, bytes held} the waiting jobs' images leave no room for this one.
-_PUSH_IF_ROOM = """
+_ADD = """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local at = redis.call('LPOS', KEYS[1], ARGV[2])
+  return {1, (at or 0) + 1}
+end
 if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[1]) then return {-1} end
 local budget = tonumber(ARGV[3])
 if budget > 0 then
@@ -102,7 +118,13 @@ if budget > 0 then
   end
   if held + tonumber(ARGV[4]) > budget then return {-2, held} end
 end
-return {1, redis.call('RPUSH', KEYS[1], ARGV[2])}
+redis.call('HSET', KEYS[3], 'state', 'IN_QUEUE', 'version', 1, 'submitted_at', ARGV[5], 'progress', 0,
+           'attempts', 0, 'image_bytes', ARGV[4], 'url', ARGV[8], 'tenant', ARGV[9])
+redis.call('SET', KEYS[4], ARGV[6], 'EX', ARGV[7])
+redis.call('EXPIRE', KEYS[3], ARGV[7])
+local length = redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[5], ARGV[2])
+return {1, length}
 """
 # The first waiting id whose image is (ARGV[1] '1') or is not ('0') a URL, moved to a running list.
 # KEYS: pending, running list, job key prefix. The queue is bounded by queue_size: the scan is short.
@@ -117,8 +139,12 @@ end
 return false
 """
 # KEYS: job, events. ARGV: claim token, now. 1 claimed; 0 cancelled before it started; -1 gone; -2 not queued.
+# Run twice with one token (a retry after a lost reply), the second run finds the claim made.
 _CLAIM = _ALLOWED + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HGET', KEYS[1], 'state') == 'IN_PROGRESS' then
+  return 1
+end
 if not allowed[redis.call('HGET', KEYS[1], 'state')]['IN_PROGRESS'] then return -2 end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'IN_PROGRESS', 'owner', ARGV[1], 'started_at', ARGV[2], 'progress', '0')
@@ -128,16 +154,18 @@ return 1
 """
 # KEYS: job, list the id must be taken from ('' for none), result, request, logs, events.
 # ARGV: id, state, finished_at, error_kind, error_message, ttl, result ('' none), request ('' none),
-#       claim token the job must still have ('' for none).
-# 1 done; 0 someone else owns the job now (nothing changed); -1 gone; -2 already ended.
+#       claim token the job must still have ('' for none), this call's nonce.
+# 1 done (also when this call's nonce ended it already: a retry after a lost reply); 0 someone else owns the
+# job now (nothing changed); -1 gone; -2 already ended.
 _FINISH = _ALLOWED + """
+if redis.call('HGET', KEYS[1], 'ended_by') == ARGV[10] then return 1 end
 if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[9] then return 0 end
 if KEYS[2] ~= '' and redis.call('LREM', KEYS[2], 1, ARGV[1]) == 0 then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if not allowed[redis.call('HGET', KEYS[1], 'state')][ARGV[2]] then return -2 end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[6]) end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[6]) end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3])
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'finished_at', ARGV[3], 'ended_by', ARGV[10])
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error_kind', ARGV[4], 'error_message', ARGV[5]) end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
@@ -206,6 +234,12 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+def _retry(sync: bool = False) -> Any:
+    """redis-py's own retry: on ConnectionError and TimeoutError, reconnect and run the command again."""
+    backoff = ExponentialWithJitterBackoff(cap=1.0, base=0.05)
+    return Retry(backoff, RETRIES) if sync else AsyncRetry(backoff, RETRIES)
+
+
 def _unavailable() -> QueueUnavailable:
     return QueueUnavailable("the job queue's store is unreachable; retry later")
 
@@ -236,25 +270,31 @@ class RedisJobStore:
         self._heartbeat_s, self._watch_poll_s = heartbeat_s, watch_poll_s
         self._lost_after_s = LOST_AFTER_BEATS * heartbeat_s
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        # Every watcher holds a pub/sub connection; the socket timeout outlasts a worker's blocking wait.
+        # The socket timeout outlasts a worker's blocking wait; a pooled connection idle for longer than the
+        # health check interval is PINGed before it is used.
         options: dict[str, Any] = {"socket_timeout": longest_wait_s + SOCKET_SLACK_S,
-                                   "socket_connect_timeout": 10.0, "health_check_interval": 30}
+                                   "socket_connect_timeout": 10.0, "health_check_interval": HEALTH_CHECK_S}
         if not url.startswith("unix:"):
             options["socket_keepalive"] = True
-        # No automatic retries: a script whose reply was lost must not run twice. What a lost reply leaves
-        # behind (an id in a running list) is handed back by reconciliation.
-        self._redis = aioredis.Redis.from_url(url, max_connections=max_connections,
-                                              retry=AsyncRetry(NoBackoff(), 0), **options)
-        self._beats = aioredis.Redis.from_url(url, max_connections=4, retry=AsyncRetry(NoBackoff(), 0),
-                                              **options)  # never starved by watchers
-        self._sync = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)  # job threads, scrapes
-        self._push = self._redis.register_script(_PUSH_IF_ROOM)
+        # A command that fails on a broken connection (a pooled one Redis closed when it restarted) reconnects
+        # and runs again, with backoff: every script is safe to run twice (a lost reply), so the calls after
+        # Redis is back succeed at their first try. The callers' pool waits for a free connection instead of
+        # failing with "Too many connections" (status watchers share one pub/sub connection, `JobEvents`).
+        self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=longest_wait_s + SOCKET_SLACK_S, retry=_retry(), **options))
+        self._beats = aioredis.Redis.from_url(url, max_connections=4, retry=_retry(), **options)  # never starved
+        self._sync = redis.Redis.from_url(url, retry=_retry(sync=True), **options)  # job threads, scrapes
+        self._events = JobEvents(self._redis, self._key("moved"))
+        self._add_script = self._redis.register_script(_ADD)
         self._claim_script = self._redis.register_script(_CLAIM)
         self._take_kind = self._redis.register_script(_TAKE_KIND)
         self._finish_script = self._redis.register_script(_FINISH)
         self._requeue = self._beats.register_script(_REQUEUE)
         self._stage = self._beats.register_script(_STAGE_FOR_REAPING)
         self._claim_write = self._sync.register_script(_CLAIM_WRITE)
+        self.reachable = True  # Redis answered the last heartbeat (health reports NOT_SERVING while it does not)
+        self._reachability = asyncio.Event()  # set (and replaced) whenever `reachable` changes
+        self._reap_after = 0.0  # monotonic: no replica is declared lost before it had time to beat again
         self._held: collections.Counter[str] = collections.Counter()  # job id → claims held here
         self._last_share = 0.0
         self._orphan_suspects: set[str] = set()
@@ -281,6 +321,7 @@ class RedisJobStore:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        await self._events.close()
         with contextlib.suppress(redis.RedisError):
             await self._requeue_all(self._key("running", self.replica_id), self.replica_id, count_attempt=False)
             await self._beats.zrem(self._key("replicas"), self.replica_id)
@@ -292,23 +333,14 @@ class RedisJobStore:
     @_redis_errors_unavailable
     async def add(self, request: SegmentRequest) -> JobSnapshot:
         job_id, submitted_at, size = new_id(), time.time(), image_size(request)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key("job", job_id), mapping={"state": JobState.IN_QUEUE.name, "version": 1,
-                                                          "submitted_at": repr(submitted_at), "progress": 0,
-                                                          "attempts": 0, "image_bytes": size,
-                                                          "url": int(request.image_kind == "url"),
-                                                          "tenant": request.tenant})
-            pipe.set(self._key("request", job_id), jobcodec.encode(request))
-            for kind in ("job", "request"):
-                pipe.expire(self._key(kind, job_id), UNFINISHED_TTL_S)
-            await pipe.execute()
-        pushed = await self._push(keys=[self._key("pending"), self._key("job", "")],
-                                  args=[self._queue_size, job_id, self._queue_bytes, size])
+        pushed = await self._add_script(
+            keys=[self._key("pending"), self._key("job", ""), self._key("job", job_id), self._key("request", job_id),
+                  self._key("queued")],
+            args=[self._queue_size, job_id, self._queue_bytes, size, repr(submitted_at), jobcodec.encode(request),
+                  UNFINISHED_TTL_S, int(request.image_kind == "url"), request.tenant])
         if pushed[0] < 0:
-            await self._redis.delete(self._key("job", job_id), self._key("request", job_id))
             raise queue_full(self._queue_size) if pushed[0] == -1 else queue_bytes_full(pushed[1], size,
                                                                                       self._queue_bytes)
-        await self._redis.publish(self._key("queued"), job_id)
         length = pushed[1]
         return JobSnapshot(job_id, JobState.IN_QUEUE, length - 1, 0.0, (), None, submitted_at, None, None, 1,
                            request.tenant)
@@ -323,13 +355,11 @@ class RedisJobStore:
         return _snapshot(job_id, _text(fields), logs, position)
 
     async def changes(self, job_id: str) -> AsyncGenerator[JobSnapshot, None]:
+        """Wakes on the job's channel (and, while it waits, on queue moves) through this replica's one
+        pub/sub connection; re-reads at least every watch_poll_s in case Redis dropped a message."""
         try:
-            pubsub = self._redis.pubsub()
-            try:
-                channels = (self._key("events", job_id), self._key("moved"))
-                await pubsub.subscribe(*channels)
-                for _ in channels:  # confirmed: no change made after this point can be missed
-                    await pubsub.get_message(timeout=self._watch_poll_s)
+            async with self._events.watch(self._key("events", job_id), self._watch_poll_s) as inbox:
+                # Subscribed: no change made after this point can be missed.
                 seen: tuple[int, int] | None = None
                 while True:
                     snapshot = await self.snapshot(job_id)
@@ -338,10 +368,8 @@ class RedisJobStore:
                         yield snapshot
                     if snapshot.state.terminal:
                         return
-                    # Wakes on the next change; the timeout re-reads in case Redis dropped a message.
-                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._watch_poll_s)
-            finally:
-                await pubsub.aclose()
+                    inbox.wants_moves = snapshot.state is JobState.IN_QUEUE
+                    await inbox.wait(self._watch_poll_s)
         except redis.RedisError as e:
             log.warning("job queue: Redis error while watching %s: %s", job_id, e)
             raise _unavailable() from None
@@ -529,7 +557,8 @@ class RedisJobStore:
                   self._key("logs", job_id), self._key("events", job_id)],
             args=[job_id, state.name, repr(time.time()), kind, message, self._ttl,
                   jobcodec.encode(outcome) if outcome is not None else b"",
-                  jobcodec.encode(request.without_image()) if request is not None else b"", token])
+                  jobcodec.encode(request.without_image()) if request is not None else b"", token,
+                  uuid.uuid4().hex])
         if done != 1:
             return False
         await self._emit_finished(job_id, state, request.without_image() if request is not None else None,
@@ -568,15 +597,38 @@ class RedisJobStore:
     # -- liveness ----------------------------------------------------------------------------------------------
     async def _keep_alive(self) -> None:
         while True:
-            await asyncio.sleep(self._heartbeat_s)  # a timer, not a wait for another task
+            # A timer, not a wait for another task; while Redis is unreachable it looks every second, so that
+            # health is SERVING again soon after Redis is back.
+            await asyncio.sleep(self._heartbeat_s if self.reachable else min(self._heartbeat_s, 1.0))
             try:
                 await self._beat()
+                self._set_reachable(True)
                 await self.requeue_lost_jobs()
                 await self.hand_back_orphans()
             except asyncio.CancelledError:
                 raise
+            except redis.RedisError as e:
+                log.warning("job queue: heartbeat failed (%s)", e)
+                self._set_reachable(False)
             except Exception as e:  # the heartbeat must outlive any one failure
                 log.warning("job queue: heartbeat round failed (%s)", e)
+
+    def _set_reachable(self, reachable: bool) -> None:
+        if reachable == self.reachable:
+            return
+        self.reachable = reachable
+        if reachable:  # the others could not beat either: give them a full period before reaping them
+            self._reap_after = time.monotonic() + self._lost_after_s
+            log.warning("job queue: Redis is reachable again")
+        else:
+            log.warning("job queue: Redis is unreachable; health reports NOT_SERVING until it is back")
+        changed, self._reachability = self._reachability, asyncio.Event()
+        changed.set()
+
+    async def reachability_changed(self) -> bool:
+        """Wait until `reachable` changes; its new value."""
+        await self._reachability.wait()
+        return self.reachable
 
     async def _beat(self) -> None:
         seconds, micros = await self._beats.time()
@@ -584,7 +636,10 @@ class RedisJobStore:
 
     async def requeue_lost_jobs(self) -> int:
         """Jobs taken by replicas whose heartbeat stopped: back to the front of the queue, or failed after
-        MAX_ATTEMPTS runs. Returns how many were found. Any replica may do this; each job moves once."""
+        MAX_ATTEMPTS runs. Returns how many were found. Any replica may do this; each job moves once. Not
+        within a heartbeat period after Redis came back: every replica's heartbeat is old then."""
+        if time.monotonic() < self._reap_after:
+            return 0
         seconds, micros = await self._beats.time()
         cutoff = seconds + micros / 1e6 - self._lost_after_s
         found = 0

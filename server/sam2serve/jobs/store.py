@@ -26,6 +26,11 @@ class Claim:
 
 class JobStore(Protocol):
     shared: bool  # other processes run its jobs too (a draining worker leaves queued jobs to them)
+    reachable: bool  # the store answers (a shared store's server may not); health follows it
+
+    async def reachability_changed(self) -> bool:
+        """Wait until `reachable` changes; its new value."""
+        ...
 
     async def start(self) -> None: ...
     async def close(self) -> None:

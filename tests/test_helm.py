@@ -19,18 +19,17 @@ from typing import Any
 
 import pytest
 
-yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (it comes with kubernetes-validate)")
-jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed (it comes with kubernetes-validate)")
-kv_utils = pytest.importorskip(
-    "kubernetes_validate.utils", reason="kubernetes-validate is not installed: pip install kubernetes-validate"
-)
-helm = pytest.importorskip(
-    "helm_python", reason="helm-python-sdk (Helm's Go SDK for Python) is not installed: pip install helm-python-sdk"
-)
+from conftest import import_required, require
+
+# The dev extra installs all of these, so in CI (CI=true) their absence fails instead of skipping.
+yaml = import_required("yaml", "PyYAML is not installed (it comes with kubernetes-validate)")
+jsonschema = import_required("jsonschema", "jsonschema is not installed (it comes with kubernetes-validate)")
+kv_utils = import_required("kubernetes_validate.utils", "kubernetes-validate is not installed")
+helm = import_required("helm_python", "helm-python-sdk (Helm's Go SDK for Python) is not installed")
 try:
     HELM_SDK_VERSION = helm.helm_sdk_version()
 except Exception as e:  # the bundled native library does not load on this platform
-    pytest.skip(f"helm-python-sdk is installed but its native library does not load: {e}", allow_module_level=True)
+    require(False, f"helm-python-sdk is installed but its native library does not load: {e}")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "sam2serve"

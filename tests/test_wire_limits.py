@@ -10,6 +10,7 @@ from collections import Counter
 import grpc
 import pytest
 
+from sam2serve.tenants import api_keys
 from sam2serve.transport.auth import ApiKeyInterceptor
 from sam2serve.transport.server import pending_call_limits, receive_limit
 from sam2serve.transport.wire import UndecodableRequests
@@ -30,7 +31,7 @@ def test_a_caller_without_the_key_is_refused_without_its_message_being_parsed():
         return str(request).encode()
 
     async def main() -> None:
-        server = grpc.aio.server(interceptors=[ApiKeyInterceptor("k3y"), UndecodableRequests()],
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_keys("k3y")), UndecodableRequests()],
                                  options=[("grpc.max_receive_message_length", 32 << 20)])
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Echo", {
             "Size": grpc.unary_unary_rpc_method_handler(size, request_deserializer=parse)})])

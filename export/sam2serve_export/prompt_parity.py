@@ -95,7 +95,7 @@ def our_predict(segmenter: PromptSegmenter, image_id: str, case: PromptCase, mul
     outcome = segmenter.segment(request)
     low_res = np.stack([np.stack([_logits(segmenter, m.logits_id) for m in r.masks]) for r in outcome.results])
     scores = np.array([[m.score for m in r.masks] for r in outcome.results], np.float32)
-    masks = np.stack([np.stack([m.mask for m in r.masks]) for r in outcome.results])
+    masks = np.stack([np.stack([m.mask() for m in r.masks]) for r in outcome.results])
     return Predicted(low_res, scores, masks, [[m.logits_id for m in r.masks] for r in outcome.results])
 
 

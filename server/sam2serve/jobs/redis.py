@@ -84,7 +84,7 @@ from .model import (
     result_expired,
     stored_error,
 )
-from .redis_events import JobEvents
+from .redis_events import JobEvents, stop_tasks
 from .store import Claim, FinishedListener
 
 log = logging.getLogger(__name__)
@@ -280,6 +280,7 @@ class RedisJobStore:
         # and runs again, with backoff: every script is safe to run twice (a lost reply), so the calls after
         # Redis is back succeed at their first try. The callers' pool waits for a free connection instead of
         # failing with "Too many connections" (status watchers share one pub/sub connection, `JobEvents`).
+        self._closing = False
         self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=longest_wait_s + SOCKET_SLACK_S, retry=_retry(), **options))
         self._beats = aioredis.Redis.from_url(url, max_connections=4, retry=_retry(), **options)  # never starved
@@ -317,10 +318,8 @@ class RedisJobStore:
     async def close(self) -> None:
         """Stop; jobs still listed as running here go back to the front of the queue without counting as an
         attempt (else the others requeue them once this replica is found lost)."""
-        for task in (self._keep_alive_task, self._queued_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        self._closing = True
+        await stop_tasks(self._keep_alive_task, self._queued_task)
         await self._events.close()
         with contextlib.suppress(redis.RedisError):
             await self._requeue_all(self._key("running", self.replica_id), self.replica_id, count_attempt=False)
@@ -466,12 +465,12 @@ class RedisJobStore:
 
     async def _listen_queued(self) -> None:
         """Wake the claims of one kind whenever a job enters `pending` (any replica's `queued` message)."""
-        while True:
+        while not self._closing:
             try:
                 pubsub = self._redis.pubsub()
                 try:
                     await pubsub.subscribe(self._key("queued"))
-                    while True:
+                    while not self._closing:
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=KIND_POLL_S)
                         if message is not None:
                             self._queued.set()
@@ -596,7 +595,7 @@ class RedisJobStore:
 
     # -- liveness ----------------------------------------------------------------------------------------------
     async def _keep_alive(self) -> None:
-        while True:
+        while not self._closing:
             # A timer, not a wait for another task; while Redis is unreachable it looks every second, so that
             # health is SERVING again soon after Redis is back.
             await asyncio.sleep(self._heartbeat_s if self.reachable else min(self._heartbeat_s, 1.0))

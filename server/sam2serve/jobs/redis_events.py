@@ -21,7 +21,25 @@ log = logging.getLogger(__name__)
 
 IDLE_READ_S = 5.0
 RETRY_AFTER_S = 1.0  # the dispatcher's pause after its connection failed beyond redis-py's own retries
+TASK_STOP_S = 5.0
 
+
+
+async def stop_tasks(*tasks: asyncio.Task[None] | None) -> None:
+    """Cancel background loops and wait for them, boundedly. On Python 3.11 a cancellation that meets a timeout
+    expiring inside redis-py's reads can be lost; the loops also check a closing flag, so they end at their
+    next turn either way, and a close never hangs on them."""
+    running = {task for task in tasks if task is not None}
+    for task in running:
+        task.cancel()
+    if not running:
+        return
+    done, late = await asyncio.wait(running, timeout=TASK_STOP_S)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: a loop that failed was already logged
+    for task in late:
+        log.warning("job queue: background task %s did not stop within %.0f s", task.get_name(), TASK_STOP_S)
 
 class Inbox:
     """What a watcher waits on: set by every message of its job's channel (and of the `moved` channel while
@@ -44,6 +62,7 @@ class JobEvents:
         self._client, self._moved = client, moved_channel.encode()
         self._pubsub: aioredis.client.PubSub | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._watchers: dict[bytes, set[Inbox]] = {}
         self._confirmed: dict[bytes, asyncio.Event] = {}  # channel → set once Redis confirmed the subscription
         self._sending = asyncio.Lock()  # subscribe/unsubscribe reach Redis in the order they were decided
@@ -74,9 +93,8 @@ class JobEvents:
                     await self._send("unsubscribe", key)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._closing = True
+        await stop_tasks(self._task)
         if self._pubsub is not None:
             await self._pubsub.aclose()
 
@@ -98,7 +116,7 @@ class JobEvents:
     async def _dispatch(self, pubsub: aioredis.client.PubSub) -> None:
         async with self._sending:
             await pubsub.subscribe(self._moved)
-        while True:
+        while not self._closing:
             try:
                 # A bounded wait, so that redis-py's health check (a PING every health_check_interval) runs
                 # on an idle connection and a dead one is found.

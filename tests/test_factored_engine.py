@@ -20,7 +20,7 @@ from sam2serve.engines.factored import (
     check_factored_graphs,
 )
 from sam2serve.engines.manifest import ManifestError
-from sam2serve.engines.onnx_engine import OnnxEngine
+from sam2serve.engines.onnx_engine import MAX_AUTO_HEAD_WORKERS, OnnxEngine, cpu_head_workers
 
 pytestmark = needs_export_tools
 
@@ -75,7 +75,7 @@ def test_heads_batch_by_memory_with_the_same_results(tiny_engine_dir, engine):
 def test_prompt_head_batch_is_bounded_on_cpus_with_the_same_results(tiny_engine_dir, engine):
     """The CPU provider takes cache-sized prompt-head batches by default; an explicit bound wins; results do not
     depend on it."""
-    by_memory = batch_for_memory(DEFAULT_DECODER_MEMORY, PROMPT_HEAD_BYTES_PER_PROMPT)
+    by_memory = batch_for_memory(DEFAULT_DECODER_MEMORY // engine.factored.workers, PROMPT_HEAD_BYTES_PER_PROMPT)
     assert engine.factored.prompt_batch == min(CPU_PROMPT_HEAD_BATCH, by_memory)
     three = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, prompt_head_batch=3)
     assert three.factored.prompt_batch == 3
@@ -120,3 +120,20 @@ def test_factored_graphs_that_do_not_fit_together_are_refused():
         check_factored_graphs(ctx, prompt_in, prompt_out, ["b", "coeffs", "inv_std", "mix"], ["masks"])
     with pytest.raises(ManifestError, match="prompt_head outputs"):
         check_factored_graphs(ctx, prompt_in, prompt_out[:-1], mask_in, ["masks"])
+
+
+def test_cpu_heads_run_one_batch_per_thread_sharing_the_memory_budget(tiny_engine_dir, engine):
+    """By default the CPU provider runs as many one-thread head batches at once as it has intra-op threads (capped);
+    the workers split the decoder memory budget; results do not depend on the number of workers."""
+    assert cpu_head_workers(3) == 3 and cpu_head_workers(64) == MAX_AUTO_HEAD_WORKERS and cpu_head_workers(1) == 1
+    assert engine.factored.workers == cpu_head_workers(0)
+    two = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, head_workers=2,
+                     decoder_memory_bytes=4 * PROMPT_HEAD_BYTES_PER_PROMPT)
+    assert two.factored.workers == 2 and two.factored.prompt_batch == 2
+    one = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, head_workers=1)
+    assert one.factored.workers == 1 and one.factored._pool is None
+    features = _features(8)
+    coords, labels = _prompts(9, 9)
+    for a, b in zip(two.decode_all_tokens(features, coords, labels), one.decode_all_tokens(features, coords, labels),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())

@@ -24,8 +24,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=Path("checkpoints"))
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for both sides (0: all cores)")
     p.add_argument("--max-decoder-batch", type=int, default=8)
-    p.add_argument("--head-workers", type=int, default=1,
-                   help="factored heads' batches run this many at a time, one thread each (1: intra-op threads)")
+    p.add_argument("--head-workers", type=int,
+                   help="factored heads' batches run this many at a time, one thread each (1: intra-op threads; "
+                        "default: the engine's choice)")
     p.add_argument("--prompt-head-batch", type=int, help="prompt-head batch (default: the engine's choice)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -38,7 +39,7 @@ def _peak_rss_mb() -> float:
 
 
 def _run_ours(engines: str, image_path: str, params: GeneratorParams, threads: int, batch: int,
-              head_workers: int = 1, prompt_head_batch: int | None = None) -> dict[str, Any]:
+              head_workers: int | None = None, prompt_head_batch: int | None = None) -> dict[str, Any]:
     from sam2serve.amg import AutoMaskGenerator
     from sam2serve.engines.onnx_engine import OnnxEngine
     from sam2serve.images import read_rgb

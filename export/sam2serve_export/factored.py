@@ -200,9 +200,11 @@ class FactoredTransformer(nn.Module):
         self.md = mask_decoder
 
     def forward(self, ctx: tuple[torch.Tensor, ...], sparse: torch.Tensor,
-                trace: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
-        """Returns (queries [B,T,C], query_pe [B,T,C], coeffs [B,R,N], inv_std [B,2,N], mix [B,R,C]); R = 2HT.
-        `trace` (tests) receives the intermediate quantities each identity produces."""
+                trace: dict[str, torch.Tensor] | None = None,
+                final_token: int | None = None) -> tuple[torch.Tensor | None, ...]:
+        """Returns (queries [B,T,C], query_pe [B,T,C], coeffs [B,R,N], inv_std [B,2,N], mix [B,R,C], final_low);
+        R = 2HT. `final_token`: the token whose final attention follows; final_low [B, H, N] is the low-rank part of
+        its scores (None without it). `trace` (tests) receives the intermediate quantities each identity produces."""
         (ca1_keys, ca1_values, cb1_queries, cb1_cross, image_sq_norm,
          ca2_keys_img, ca2_keys_pe, ca2_values_img, cb2_queries_img, cb2_queries_pe,
          ln2_cross, ln2_vectors) = ctx[:12]
@@ -282,20 +284,29 @@ class FactoredTransformer(nn.Module):
         # (γ1·w), for the m2 rows v2·(W_o^T w), plus w·const on head 0 whose weights sum to 1.
         # The cross terms of all 2HT rows come from one product, laid out as coeffs; inv1 scales their sum only.
         gram = mix @ mix.transpose(1, 2)
-        upper = torch.cat([gram[:, :ht, :ht], 2.0 * gram[:, :ht, ht:]], dim=2)
+        rows = gram
+        if final_token is not None:
+            # The low-rank part of the final attention's scores for one token reads coeffs too: one product.
+            fa = tr.final_attn_token_to_image
+            qf = fa.q_proj(queries[:, final_token:final_token + 1] + tokens[:, final_token:final_token + 1])
+            kf = _split((mix * l2.norm4.weight) @ fa.k_proj.weight.t(), heads)  # [B, H, R, d]
+            rows = torch.cat([gram, (_split(qf * _scale(fa), heads) @ kf.transpose(2, 3)).reshape(b, heads, -1)], 1)
+        products = rows @ coeffs  # [B, 2HT (+ H), N]
         cross = (torch.stack([v1, v2], dim=1) @ ln2_cross).reshape(b, 2 * ht, n)  # [B, 2HT, N]
         mean_term = (m1_mean[:, None] @ a1s)[:, 0]  # Σ_r a1s_r mean(m1_r), [B, N]
         sq = (inv1 * (inv1 * ln2_vectors[0] + 2.0 * (ln2_vectors[1] - mean_term * ln2_vectors[2]
                                                      + (coeffs * cross).sum(1)))
-              + (a1s * (upper @ coeffs)).sum(1) + (a2 * (gram[:, ht:, ht:] @ a2)).sum(1))
+              + (coeffs * products[:, :2 * ht]).sum(1))
         inv2 = torch.rsqrt(sq / c + l2.norm4.eps)
         if trace is not None:
             trace.update(coeffs=coeffs, mix=mix, inv2=inv2)
-        return queries, tokens, coeffs, torch.stack([inv1, inv2], dim=1), mix
+        final_low = products[:, 2 * ht:] if final_token is not None else None
+        return queries, tokens, coeffs, torch.stack([inv1, inv2], dim=1), mix, final_low
 
 
 def final_attention(md: nn.Module, final_ctx: tuple[torch.Tensor, ...], queries: torch.Tensor, query_pe: torch.Tensor,
-                    coeffs: torch.Tensor, inv_std: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+                    coeffs: torch.Tensor, inv_std: torch.Tensor, mix: torch.Tensor,
+                    low: torch.Tensor | None = None) -> torch.Tensor:
     """The final token→image attention + norm for the given tokens (queries, query_pe [B, Tq, C]), on layer 2's
     image tokens: rows γ2·(w·inv1 + coeffsᵀ mix)·inv2 + β2. `final_ctx`: the context's final_* tensors.
     Scores and attention are laid out heads outermost, [H, B, Tq, N], so that the image-side products take every
@@ -310,8 +321,10 @@ def final_attention(md: nn.Module, final_ctx: tuple[torch.Tensor, ...], queries:
     inv1, inv2 = inv_std[None, :, 0:1], inv_std[None, :, 1:2]  # [1, B, 1, N]
     q = fa.q_proj(queries + query_pe) * _scale(fa)  # [B, Tq, C]
     gmix = mix * g2
-    q_low = (_split(q, heads) @ _split(gmix @ fa.k_proj.weight.t(), heads).transpose(2, 3)).reshape(b, heads * tq, r)
-    low = (q_low @ coeffs).reshape(b, heads, tq, n).transpose(0, 1)  # [H, B, Tq, N]
+    if low is None:  # else the low-rank part of the scores, [B, H·Tq, N], came with layer 2's quadratic form
+        k_low = _split(gmix @ fa.k_proj.weight.t(), heads)
+        low = (_split(q, heads) @ k_low.transpose(2, 3)).reshape(b, heads * tq, r) @ coeffs
+    low = low.reshape(b, heads, tq, n).transpose(0, 1)  # [H, B, Tq, N]
     qh = _by_head(q, heads)  # [H, B·Tq, d]
     scores = (inv2 * (inv1 * (qh @ final_keys_img).reshape(heads, b, tq, n) + low)
               + (qh @ final_keys_pe).reshape(heads, b, tq, n))
@@ -343,8 +356,9 @@ class FactoredPromptHead(nn.Module):
         """From sparse prompt embeddings [B, P+1, C] (tests run it in float64; the prompt encoder stays float32)."""
         md = self.mask_decoder
         s = 1 if md.pred_obj_scores else 0
-        queries, tokens, coeffs, inv_std, mix = self.transformer(ctx, sparse, trace)
-        iou_token = final_attention(md, ctx[12:15], queries[:, s:s + 1], tokens[:, s:s + 1], coeffs, inv_std, mix)
+        queries, tokens, coeffs, inv_std, mix, low = self.transformer(ctx, sparse, trace, final_token=s)
+        iou_token = final_attention(md, ctx[12:15], queries[:, s:s + 1], tokens[:, s:s + 1], coeffs, inv_std, mix,
+                                    low)
         iou = md.iou_prediction_head(iou_token[:, 0])
         mask_queries = queries[:, s + 1:s + 1 + md.num_mask_tokens]
         return iou, mask_queries, coeffs, inv_std, mix
@@ -379,13 +393,14 @@ class FactoredMaskHead(nn.Module):
         # dc1 of layer 2's image tokens, per position: ((w γ2) D inv1 + coeffs @ mix γ2 D) inv2 + β2 D + bias
         # coeffs transposed explicitly, then scaled: MatMul on a transposed left operand is slow in ONNX Runtime
         low = ((coeffs.transpose(1, 2) * inv2) @ mix_d).reshape(b, 4 * n, -1)
-        # Summed in this order so that ONNX Runtime fuses the last addition into the LayerNorm (SkipLayerNorm).
         up = (((inv1 * inv2)[..., None] * dc1_img).reshape(b, 4 * n, -1) + dc1_bias) + low  # [B, (N, dy, dx), C/4]
         if trace is not None:
             trace.update(final_mask_tokens=final, dc1=up)
         up = gelu(F.layer_norm(up, ln1.weight.shape, ln1.weight, ln1.bias, ln1.eps))
         up = gelu(up @ _conv_t_matrix(dc2.weight) + dc2_bias)  # [B, 4N, (dy, dx, C/8)]
         side = math.isqrt(n)
-        logits = up.reshape(b, 16 * n, -1) @ hyper.transpose(1, 2)  # [B, pixels, M]
-        logits = logits.reshape(b, side, side, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        # Mask tokens first, then the pixel shuffle (y, x, dy1, dx1, dy2, dx2) → (y, dy1, dy2, x, dx1, dx2): two
+        # transposes with fewer, longer runs are faster in ONNX Runtime than one eight-axis permutation.
+        logits = (up.reshape(b, 16 * n, -1) @ hyper.transpose(1, 2)).transpose(1, 2)  # [B, M, pixels]
+        logits = logits.reshape(b, m, side, side, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7)
         return logits.reshape(b, m, 4 * side, 4 * side)

@@ -99,18 +99,19 @@ class FactoredDecoder:
         """`max_batch`: the largest batch a head accepts (a TensorRT plan's profile); memory bounds it further, and
         `prompt_batch` bounds the prompt head's batch below that (CPUs: see CPU_PROMPT_HEAD_BATCH).
         `workers` > 1 runs a call's batches on that many threads at once (sessions of one thread each: many
-        small memory-bound operators scale better across runs than within one)."""
+        small memory-bound operators scale better across runs than within one); they share the memory budget."""
         self.manifest = manifest
         self._run_context, self._run_prompt, self._run_mask = run_context, run_prompt, run_mask
         self._context_outputs = context_outputs
         self._prompt_context = [n for n in prompt_inputs if n in set(context_outputs)]
         self._mask_context = [n for n in mask_inputs if n in set(context_outputs)]
-        self.prompt_batch = batch_for_memory(memory_bytes, PROMPT_HEAD_BYTES_PER_PROMPT, max_batch)
+        self.workers = max(1, workers)
+        per_worker = memory_bytes // self.workers  # the workers' batches are in flight at once
+        self.prompt_batch = batch_for_memory(per_worker, PROMPT_HEAD_BYTES_PER_PROMPT, max_batch)
         if prompt_batch is not None:
             self.prompt_batch = max(1, min(self.prompt_batch, prompt_batch))
-        self.mask_batch = batch_for_memory(memory_bytes, MASK_HEAD_BYTES_PER_PROMPT, max_batch)
+        self.mask_batch = batch_for_memory(per_worker, MASK_HEAD_BYTES_PER_PROMPT, max_batch)
         self.stats = DecoderStats()
-        self.workers = max(1, workers)
         self._pool = ThreadPoolExecutor(self.workers, "sam2serve-decoder") if self.workers > 1 else None
         self._contexts: dict[int, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()

@@ -94,3 +94,20 @@ def test_every_official_config_exists_in_metas_package():
         cfg = compose(config_name=spec.config)
         assert cfg.model.image_size == 1024, spec.name
         assert len(spec.sha256) == 64 and spec.url().endswith(f"/{spec.name}.pt")
+
+
+def test_export_refuses_to_replace_a_directory_that_holds_other_files(tmp_path):
+    """`--out engines` (the parent of every model's directory) would have been replaced whole, README and other
+    models deleted: refused before any work, nothing touched."""
+    from sam2serve_export.build import build_engines
+    from sam2serve_export.errors import ExportError
+    from sam2serve_export.models import get_model_spec
+    from sam2serve_export.weights import WeightsChoice
+
+    parent = tmp_path / "engines"
+    (parent / "sam2.1_hiera_small").mkdir(parents=True)
+    (parent / "README.md").write_text("ours")
+    with pytest.raises(ExportError, match=r"holds no manifest\.json"):
+        build_engines(get_model_spec(TINY), parent, WeightsChoice(untrained_seed=SEED), progress=False)
+    assert (parent / "README.md").read_text() == "ours" and (parent / "sam2.1_hiera_small").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no staging directory left behind

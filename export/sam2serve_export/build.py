@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from sam2serve.engines.contract import FACTORED_ROLES
 from sam2serve.engines.manifest import (
+    MANIFEST_NAME,
     EngineFile,
     Manifest,
     Weights,
@@ -23,6 +24,7 @@ from sam2serve.engines.manifest import (
     write_manifest,
 )
 
+from .errors import ExportError
 from .models import ModelSpec
 from .onnx_export import DEFAULT_OPSET, export_decoder, export_encoder, export_factored_decoder, onnx_signature
 from .weights import WeightsChoice, load_model
@@ -61,6 +63,7 @@ def build_engines(
     """
     timings = {} if timings is None else timings
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _make_staging_dir(out_dir)
     try:
@@ -116,6 +119,17 @@ def make_manifest(spec: ModelSpec, model: torch.nn.Module, weights: Weights, dir
         tools=tool_versions(),
         created_at=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     )
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """An export replaces its directory whole: refuse one holding anything but an earlier export (e.g. `--out
+    engines`, the parent of every model's directory), before minutes of work and without deleting a file."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise ExportError(
+            f"{out_dir} is not empty and holds no {MANIFEST_NAME}: an export replaces its directory whole, so its "
+            f"files would be deleted. Give --out a new or empty directory, or one an earlier export wrote "
+            f"(e.g. {out_dir / 'sam2.1_hiera_tiny'})"
+        )
 
 
 def _make_staging_dir(out_dir: Path) -> Path:

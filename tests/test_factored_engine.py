@@ -130,10 +130,13 @@ def test_cpu_heads_run_one_batch_per_thread_sharing_the_memory_budget(tiny_engin
     two = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, head_workers=2,
                      decoder_memory_bytes=4 * PROMPT_HEAD_BYTES_PER_PROMPT)
     assert two.factored.workers == 2 and two.factored.prompt_batch == 2
+    # a lone batch (a click) runs on the sessions that use every intra-op thread, batches side by side on their own
+    assert two.factored._side_prompt is not two.factored._run_prompt
     one = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, head_workers=1)
     assert one.factored.workers == 1 and one.factored._pool is None
     features = _features(8)
-    coords, labels = _prompts(9, 9)
-    for a, b in zip(two.decode_all_tokens(features, coords, labels), one.decode_all_tokens(features, coords, labels),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    for count in (9, 1):
+        coords, labels = _prompts(count, 9)
+        for a, b in zip(two.decode_all_tokens(features, coords, labels),
+                        one.decode_all_tokens(features, coords, labels), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())

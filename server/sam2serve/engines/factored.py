@@ -95,13 +95,16 @@ class FactoredDecoder:
     def __init__(self, manifest: Manifest, run_context: RunGraph, run_prompt: RunGraph, run_mask: RunGraph,
                  context_outputs: list[str], prompt_inputs: list[str], mask_inputs: list[str],
                  memory_bytes: int = DEFAULT_DECODER_MEMORY, max_batch: int = 64, workers: int = 1,
-                 prompt_batch: int | None = None) -> None:
+                 prompt_batch: int | None = None, side_by_side: tuple[RunGraph, RunGraph] | None = None) -> None:
         """`max_batch`: the largest batch a head accepts (a TensorRT plan's profile); memory bounds it further, and
         `prompt_batch` bounds the prompt head's batch below that (CPUs: see CPU_PROMPT_HEAD_BATCH).
-        `workers` > 1 runs a call's batches on that many threads at once (sessions of one thread each: many
-        small memory-bound operators scale better across runs than within one); they share the memory budget."""
+        `workers` > 1 runs a call's batches on that many threads at once, through `side_by_side` (the prompt and
+        mask heads on one thread each: many small memory-bound operators scale better across runs than within
+        one); they share the memory budget. A call with one batch (a click) runs `run_prompt`/`run_mask`, which
+        may use every thread: its latency is what counts."""
         self.manifest = manifest
         self._run_context, self._run_prompt, self._run_mask = run_context, run_prompt, run_mask
+        self._side_prompt, self._side_mask = side_by_side or (run_prompt, run_mask)
         self._context_outputs = context_outputs
         self._prompt_context = [n for n in prompt_inputs if n in set(context_outputs)]
         self._mask_context = [n for n in mask_inputs if n in set(context_outputs)]
@@ -121,10 +124,11 @@ class FactoredDecoder:
         size = max(1, min(batch, -(-count // self.workers)))
         return [slice(first, min(first + size, count)) for first in range(0, count, size)]
 
-    def _run_all(self, run: RunGraph, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    def _run_all(self, run: RunGraph, side_by_side: RunGraph,
+                 feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
         if self._pool is None or len(feeds) == 1:
             return [run(f) for f in feeds]
-        return list(self._pool.map(run, feeds))
+        return list(self._pool.map(side_by_side, feeds))
 
     def context(self, features: ImageFeatures) -> dict[str, np.ndarray]:
         """The decoder context of these features, computed on first use and dropped with the features."""
@@ -157,7 +161,7 @@ class FactoredDecoder:
         start = time.perf_counter()
         feeds = [{**shared, PROMPT_INPUTS[0]: coords[rows], PROMPT_INPUTS[1]: labels[rows]}
                  for rows in self._batches(len(coords), self.prompt_batch)]
-        chunks = self._run_all(self._run_prompt, feeds)
+        chunks = self._run_all(self._run_prompt, self._side_prompt, feeds)
         self.stats.add("prompt_head", time.perf_counter() - start, len(coords))
         outputs = chunks[0] if len(chunks) == 1 else [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
         iou, *state = outputs
@@ -171,8 +175,8 @@ class FactoredDecoder:
         masks = np.empty((len(rows), self.manifest.mask_tokens, size, size), np.float32)
         start = time.perf_counter()
         batches = self._batches(len(rows), self.mask_batch)
-        outputs = self._run_all(self._run_mask, [{**shared, **{name: state[name][rows[b]] for name in PROMPT_STATE}}
-                                                 for b in batches])
+        feeds = [{**shared, **{name: state[name][rows[b]] for name in PROMPT_STATE}} for b in batches]
+        outputs = self._run_all(self._run_mask, self._side_mask, feeds)
         for b, out in zip(batches, outputs, strict=True):
             masks[b] = out[0]
         self.stats.add("mask_head", time.perf_counter() - start, len(rows))

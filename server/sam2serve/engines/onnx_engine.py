@@ -129,8 +129,6 @@ class OnnxEngine(FactoredDecoding):
         if factored and has_factored:
             if head_workers is None:
                 head_workers = cpu_head_workers(intra_op_threads) if self.providers[0] == "CPUExecutionProvider" else 1
-            if head_workers > 1:
-                options.intra_op_num_threads = 1
             if prompt_head_batch is None and self.providers[0] == "CPUExecutionProvider":
                 prompt_head_batch = CPU_PROMPT_HEAD_BATCH
             self._factored = self._open_factored(options, decoder_memory_bytes, head_workers, prompt_head_batch)
@@ -148,8 +146,15 @@ class OnnxEngine(FactoredDecoding):
         def runner(session: ort.InferenceSession) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
             return lambda feeds: session.run(None, feeds)
 
+        side_by_side = None
+        if workers > 1:  # the heads again, one thread each, for batches run side by side (see FactoredDecoder)
+            threads = options.intra_op_num_threads
+            options.intra_op_num_threads = 1
+            side_by_side = (runner(self._open("prompt_head", options)), runner(self._open("mask_head", options)))
+            options.intra_op_num_threads = threads
         return FactoredDecoder(self.manifest, runner(context), runner(prompt), runner(mask), names[0], names[1],
-                               names[3], memory_bytes, workers=workers, prompt_batch=prompt_batch)
+                               names[3], memory_bytes, workers=workers, prompt_batch=prompt_batch,
+                               side_by_side=side_by_side)
 
     def _open(self, role: str, options: ort.SessionOptions, inputs: tuple[str, ...] | None = None,
               outputs: tuple[str, ...] | None = None) -> ort.InferenceSession:

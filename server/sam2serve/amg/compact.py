@@ -40,11 +40,17 @@ class CompactLogits:
         if v.ndim != 2:
             raise ValueError(f"expected a 2-D logit map, got shape {v.shape}")
         shape = (int(v.shape[0]), int(v.shape[1]))
-        peak = max(abs(float(v.max())), abs(float(v.min()))) if v.size else 0.0
-        if min(shape) < 2 or not np.isfinite(peak):
+        if min(shape) < 2:
             return cls(shape, np.array(v, copy=True))
-        margin = CONVEX_MARGIN * peak
-        bands = _merged_bands(thresholds, margin)
+        high, low = v.max(), v.min()
+        peak = max(abs(float(high)), abs(float(low)))
+        if not np.isfinite(peak):
+            return cls(shape, np.array(v, copy=True))
+        # A band the whole map lies above or below decides nothing between cells: it is left out.
+        bands = [(lo, hi) for lo, hi in _merged_bands(thresholds, CONVEX_MARGIN * peak) if not (low > hi or high <= lo)]
+        if not bands:  # every cell on the same side of every threshold, clear of it: any one value will do
+            return cls(shape, None, (np.zeros(-(-v.size // 8), np.uint8),), np.zeros(-(-v.size // 8), np.uint8),
+                       np.zeros(0, np.float32), np.array([v.flat[0]], np.float32))
         # Per cell, how many band edges lie below it: odd means inside a band (kept exactly), even is twice the
         # index of the interval between bands.
         band = np.zeros(shape, np.uint8)

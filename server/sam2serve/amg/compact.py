@@ -46,6 +46,12 @@ class CompactLogits:
         shape = (int(v.shape[0]), int(v.shape[1]))
         if min(shape) < 2:
             return cls(shape, np.array(v, copy=True))
+        # Noise (untrained weights) crosses a threshold between most neighbouring cells and would be kept nearly
+        # whole: every 8th row tells at a tenth of the cost of finding out.
+        rows = v[::8]
+        crossings = sum(int(np.count_nonzero(np.diff(rows > np.float32(t), axis=1))) for t in set(thresholds))
+        if crossings > NOISE_CROSSINGS * rows.size:
+            return cls(shape, np.array(v, copy=True))
         high, low = v.max(), v.min()
         peak = max(abs(float(high)), abs(float(low)))
         if not np.isfinite(peak):
@@ -55,12 +61,6 @@ class CompactLogits:
         if not bands:  # every cell on the same side of every threshold, clear of it: any one value will do
             return cls(shape, None, (np.zeros(-(-v.size // 8), np.uint8),), np.zeros(-(-v.size // 8), np.uint8),
                        np.zeros(0, np.float32), np.array([v.flat[0]], np.float32))
-        # Noise (untrained weights) crosses a threshold between most neighbouring cells and would be kept nearly
-        # whole: every 8th row tells at a tenth of the cost of finding out.
-        rows = v[::8]
-        crossings = sum(int(np.count_nonzero(np.diff(rows > (lo + hi) / 2, axis=1))) for lo, hi in bands)
-        if crossings > NOISE_CROSSINGS * rows.size:
-            return cls(shape, np.array(v, copy=True))
         # Per cell, how many band edges lie below it: odd means inside a band (kept exactly), even is twice the
         # index of the interval between bands.
         band = np.zeros(shape, np.uint8)

@@ -150,3 +150,28 @@ def test_progress_counts_every_prompt(synthetic_pair):
 
     generator.generate(synthetic_scene(), GeneratorParams(points_per_side=8, crop_n_layers=1), Progress())
     assert seen[-1] == (64 * 5, 64 * 5) and all(a <= b for (a, _), (b, _) in pairwise(seen))
+
+
+@pytest.mark.parametrize("crop_n_layers", [0, 1])
+def test_zero_thresholds_match_with_stability_after_nms_and_compact_candidates(synthetic_pair, monkeypatch,
+                                                                             crop_n_layers):
+    """Without IoU and stability thresholds every candidate waits for NMS, held compactly, and stability is computed
+    for the survivors only: masks and scores still match Meta's, and the candidates take a fraction of the memory
+    of their float32 logits."""
+    import sam2serve.amg.generator as generator_module
+
+    model, generator = synthetic_pair
+    encode, stored = generator_module.CompactLogits.encode, []
+
+    def recording_encode(logits, thresholds):
+        stored.append((encode(logits, thresholds), logits.nbytes, tuple(thresholds)))
+        return stored[-1][0]
+
+    monkeypatch.setattr(generator_module.CompactLogits, "encode", staticmethod(recording_encode))
+    params = GeneratorParams(points_per_side=16, pred_iou_thresh=0.0, stability_score_thresh=0.0,
+                             crop_n_layers=crop_n_layers)
+    report, counts = _compare(model, generator, synthetic_scene(480, 640, seed=3), params)
+    _assert_parity(report)
+    assert report.our_masks > 3 and len(stored) == counts["after_crop_edge"] > 3 * report.our_masks
+    assert {t for _, _, t in stored} == {(-1.0, 0.0, 1.0)}  # exact at threshold ± offset too: stability comes later
+    assert sum(c.nbytes for c, _, _ in stored) < 0.3 * sum(raw for _, raw, _ in stored)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import needs_export_tools
+from sam2serve.amg.compact import CompactLogits
 from sam2serve.amg.grids import build_all_layer_point_grids, decoder_prompts, generate_crop_boxes
 from sam2serve.amg.masks import (
     component_areas,
@@ -18,6 +19,7 @@ from sam2serve.amg.masks import (
     remove_small_regions,
     stability_score,
     upsample_logits,
+    upsampled_box,
     upsampled_stability_and_box,
 )
 from sam2serve.amg.nms import nms
@@ -116,6 +118,43 @@ def test_stability_and_box_without_full_upsampling_equal_the_full_computation(hw
         stability, box = upsampled_stability_and_box(logits, hw, threshold, offset)
         np.testing.assert_array_equal(box, expected[1], err_msg=name)
         assert stability == expected[0] or (np.isnan(stability) and np.isnan(expected[0])), name
+
+
+@pytest.mark.parametrize("hw", [(1200, 1800), (2832, 4240), (333, 500), (256, 256), (20, 30), (1, 7)])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, -0.5])
+def test_box_without_full_upsampling_equals_the_full_computation(hw, threshold):
+    for name, logits in _logit_maps().items():
+        np.testing.assert_array_equal(upsampled_box(logits, hw, threshold),
+                                      mask_to_box(upsample_logits(logits, hw) > threshold), err_msg=name)
+
+
+@pytest.mark.parametrize("thresholds", [(0.0,), (-1.0, 0.0, 1.0), (-0.25, 0.5, 1.25), (0.0, 0.0, 0.0), (0.0, 1e-4)])
+def test_compact_logits_upsample_to_the_same_masks_at_their_thresholds(thresholds):
+    """Every pixel of every size decides each threshold as the original map does: the stored candidates' masks and
+    stability scores cannot change."""
+    for name, logits in _logit_maps().items():
+        stored = CompactLogits.encode(logits, thresholds)
+        restored = stored.decode()
+        assert restored.dtype == np.float32 and restored.shape == logits.shape
+        for hw in [(1200, 1800), (333, 500), (256, 256), (100, 150), (20, 30), (1, 7)]:
+            expected, got = upsample_logits(logits, hw), upsample_logits(restored, hw)
+            for t in thresholds:
+                np.testing.assert_array_equal(got > t, expected > t, err_msg=f"{name} {hw} {t}")
+
+
+def test_compact_logits_of_smooth_maps_are_small_and_noise_is_kept_raw():
+    maps = _logit_maps()
+    for name, at_most in {"smooth": 1 / 2, "objects": 1 / 5, "background": 1 / 5, "spot corner": 1 / 10,
+                          "plateau 0.5": 1 / 10}.items():
+        stored = CompactLogits.encode(maps[name], (-1.0, 0.0, 1.0))
+        assert stored.raw is None and stored.nbytes < maps[name].nbytes * at_most, name
+    noise = maps["noise"]
+    stored = CompactLogits.encode(noise, (-1.0, 0.0, 1.0))
+    assert stored.raw is not None and stored.nbytes == noise.nbytes
+    assert not np.shares_memory(stored.raw, noise)  # a candidate never pins its decoder batch
+    nan_map = maps["smooth"].copy()
+    nan_map[3, 4] = np.nan
+    np.testing.assert_array_equal(CompactLogits.encode(nan_map, (0.0,)).decode(), nan_map)
 
 
 def test_stability_and_box_of_a_map_below_every_threshold_need_no_upsampling(monkeypatch):

@@ -140,3 +140,18 @@ def test_cpu_heads_run_one_batch_per_thread_sharing_the_memory_budget(tiny_engin
         for a, b in zip(two.decode_all_tokens(features, coords, labels),
                         one.decode_all_tokens(features, coords, labels), strict=True):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def test_mask_head_takes_any_rows_of_the_prompt_state(tiny_engine_dir):
+    """Consecutive rows are sliced, others indexed: each prompt gets its own masks either way, in every batch."""
+    small = OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], warmup=False, head_workers=1,
+                       decoder_memory_bytes=2 * (60 << 20))  # mask batches of 2
+    assert small.factored.mask_batch == 2
+    features = _features(4)
+    coords, labels = _prompts(6, 5)
+    _, state = small.factored.prompt_head(features, coords, labels)
+    every = small.factored.mask_head(features, state, np.arange(6))
+    for rows in ([1, 2, 3, 4, 5], [0, 2, 5], [5, 3], [4]):
+        got = small.factored.mask_head(features, state, np.asarray(rows))
+        np.testing.assert_allclose(got, every[rows], rtol=0, atol=1e-5 * np.abs(every).max(), err_msg=str(rows))
+    assert small.factored.mask_head(features, state, np.arange(0)).shape[0] == 0

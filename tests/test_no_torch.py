@@ -53,3 +53,15 @@ def test_export_command_explains_the_missing_extra():
     """)
     assert result.returncode == 2
     assert "sam2serve[export]" in result.stderr
+
+
+def test_bench_measures_ours_without_torch():
+    """`sam2serve bench` runs our generator in a child that unpickles `_run_ours` from its module: importing that
+    module must not import torch, or ≈ 0.5 GB the server never loads would count in our peak RSS."""
+    result = _run("""
+        import sam2serve_export.bench as bench
+        assert callable(bench._run_ours)
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

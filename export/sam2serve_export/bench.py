@@ -1,5 +1,9 @@
 """`sam2serve bench IMAGE`: Meta's generator and ours on the same image, parameters and weights, each in
-its own process (for an honest peak RSS); prints both wall times, the ratio, our stages and the floor."""
+its own process (for an honest peak RSS); prints both wall times, the ratio, our stages and the floor.
+
+This module imports torch only inside functions: the child that runs ours unpickles `_run_ours` from here, and a
+module-level import of the harness (torch, ≈ 0.5 GB resident) would count in our peak RSS although the server
+never loads it."""
 
 from __future__ import annotations
 
@@ -13,10 +17,10 @@ from typing import Any
 
 from sam2serve.amg.params import GeneratorParams
 
-from .harness import add_generator_flags, params_from_args
-
 
 def parser() -> argparse.ArgumentParser:
+    from .harness import add_generator_flags
+
     p = argparse.ArgumentParser(prog="sam2serve bench", description=__doc__)
     p.add_argument("image", type=Path)
     p.add_argument("--engines", type=Path, default=Path("engines/sam2.1_hiera_tiny"))
@@ -86,6 +90,8 @@ def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
+    from .harness import params_from_args
+
     args = parser().parse_args(argv)
     params = params_from_args(args)
     ours = _in_child(_run_ours, str(args.engines), str(args.image), params, args.threads, args.max_decoder_batch,

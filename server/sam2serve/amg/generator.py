@@ -3,7 +3,9 @@
 Same grid, crops, filters and NMS as `SAM2AutomaticMaskGenerator`, but candidates are filtered by
 predicted IoU before anything is upsampled, each survivor is upsampled at most once (stability and box
 from the same map, and not even that where the low-res logits decide them), and full-resolution masks
-and RLEs are made only for the masks that survive NMS.
+and RLEs are made only for the masks that survive NMS. When no stability threshold filters, stability is
+computed only for the masks that survive NMS, from the same upsampling as their RLE. Candidates waiting for
+NMS hold their logits compactly (`CompactLogits`), exact wherever a threshold decision depends on them.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from ..domain import UNSUPERVISED, Cancelled, GenerationResult, JobControl, Mask
 from ..engines.base import Engine, ImageFeatures
 from ..engines.mask_selection import LOW_RES_CLAMP
 from ..preprocess import to_model_coords, to_model_input
+from .compact import CompactLogits
 from .grids import build_all_layer_point_grids, generate_crop_boxes
 from .masks import (
     fill_holes_and_remove_sprinkles,
     is_box_near_crop_edge,
     mask_to_box,
     remove_small_regions,
+    stability_score,
     upsample_logits,
+    upsampled_box,
     upsampled_stability_and_box,
 )
 from .nms import nms
@@ -39,18 +44,18 @@ DEFAULT_MAX_DECODER_BATCH = 8  # ORT CPU decoder: ≈ 80 MB per prompt in a batc
 class _Kept:
     """Survivors of the per-candidate filters within one crop."""
 
-    low_res: list[np.ndarray] = field(default_factory=list)
+    low_res: list[CompactLogits] = field(default_factory=list)
     iou: list[float] = field(default_factory=list)
-    stability: list[float] = field(default_factory=list)
+    stability: list[float | None] = field(default_factory=list)  # None: computed after NMS
     boxes: list[np.ndarray] = field(default_factory=list)
     points: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
 class _Survivor:
-    low_res: np.ndarray
+    low_res: CompactLogits
     iou: float
-    stability: float
+    stability: float | None  # None: computed with the mask
     box: np.ndarray  # XYXY, image frame
     point: np.ndarray  # image frame
     crop_box: list[int]  # XYXY
@@ -204,6 +209,11 @@ class AutoMaskGenerator:
     def _filter_candidates(self, run: _Run, crop: _Crop, logits: np.ndarray, iou: np.ndarray,
                            points: np.ndarray, kept: _Kept) -> None:
         p, counts = run.p, run.counts
+        t_low, t_high = p.mask_threshold - p.stability_score_offset, p.mask_threshold + p.stability_score_offset
+        # Without a stability threshold, stability changes nothing before NMS: only survivors need it, and their
+        # logits are then kept exact at threshold ± offset as well.
+        defer_stability = not p.stability_score_thresh > 0.0
+        thresholds = (t_low, p.mask_threshold, t_high) if defer_stability else (p.mask_threshold,)
         counts["candidates"] += len(iou)
         order = np.flatnonzero(iou > p.pred_iou_thresh) if p.pred_iou_thresh > 0.0 else np.arange(len(iou))
         counts["after_iou"] += len(order)
@@ -211,12 +221,17 @@ class AutoMaskGenerator:
         for i in order:
             low_res, cleaned = fill_holes_and_remove_sprinkles(logits[i], p.min_mask_region_area, p.mask_threshold)
             counts["low_res_cleaned"] += cleaned
-            stability, box = upsampled_stability_and_box(low_res, crop.hw, p.mask_threshold,
-                                                         p.stability_score_offset)
-            if p.stability_score_thresh > 0.0 and not stability >= p.stability_score_thresh:
-                continue
+            stability: float | None = None
+            if defer_stability:
+                box = upsampled_box(low_res, crop.hw, p.mask_threshold)
+            else:
+                measured, box = upsampled_stability_and_box(low_res, crop.hw, p.mask_threshold,
+                                                            p.stability_score_offset)
+                if not measured >= p.stability_score_thresh:
+                    continue
+                stability = float(measured)
             batch_boxes.append(box)
-            batch_index.append((i, low_res, float(stability)))
+            batch_index.append((i, low_res, stability))
         counts["after_stability"] += len(batch_boxes)
         if not batch_boxes:
             return
@@ -224,7 +239,7 @@ class AutoMaskGenerator:
         for (i, low_res, score), box, drop in zip(batch_index, batch_boxes, near_edge, strict=True):
             if drop:
                 continue
-            kept.low_res.append(np.array(low_res, copy=True))  # don't pin the whole decoder batch
+            kept.low_res.append(CompactLogits.encode(low_res, thresholds))  # never a view of the decoder batch
             kept.iou.append(float(iou[i]))
             kept.stability.append(score)
             kept.boxes.append(box)
@@ -233,8 +248,17 @@ class AutoMaskGenerator:
 
     def _record(self, run: _Run, s: _Survivor) -> MaskRecord:
         x0, y0, x1, y1 = s.crop_box
-        full = np.zeros(run.orig_hw, dtype=bool)
-        full[y0:y1, x0:x1] = upsample_logits(s.low_res, (y1 - y0, x1 - x0)) > run.p.mask_threshold
+        p = run.p
+        up = upsample_logits(s.low_res.decode(), (y1 - y0, x1 - x0))
+        stability = s.stability
+        if stability is None:
+            stability = float(stability_score(up, p.mask_threshold, p.stability_score_offset))
+        if (y1 - y0, x1 - x0) == run.orig_hw:
+            full = up > p.mask_threshold
+        else:
+            full = np.zeros(run.orig_hw, dtype=bool)
+            full[y0:y1, x0:x1] = up > p.mask_threshold
+        del up
         rle = encode_rle(full)
         bx0, by0, bx1, by1 = (int(v) for v in s.box)
         return MaskRecord(
@@ -242,7 +266,7 @@ class AutoMaskGenerator:
             area=rle_area(rle),
             bbox=[bx0, by0, bx1 - bx0, by1 - by0],
             predicted_iou=s.iou,
-            stability_score=s.stability,
+            stability_score=stability,
             point_coords=[[float(s.point[0]), float(s.point[1])]],
             crop_box=[x0, y0, x1 - x0, y1 - y0],
         )

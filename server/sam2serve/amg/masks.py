@@ -9,7 +9,7 @@ import numpy as np
 
 # A bilinear output pixel is a convex combination of 2×2 low-res cells, so it lies within their range; the
 # margin (relative to the largest |logit|) covers float rounding in that combination.
-_CONVEX_MARGIN = 1e-4
+CONVEX_MARGIN = 1e-4
 # An output value we evaluate with cv2's taps and weights differs from cv2's by a few float32 roundings of the
 # largest |logit| at most (cv2 may fuse a multiply-add): a threshold is decided only when cleared by more.
 _EVALUATION_MARGIN = 1e-6
@@ -43,7 +43,7 @@ def upsampled_stability_and_box(low_res: np.ndarray, size_hw: tuple[int, int], m
     h, w = size_hw
     row_high, col_high = low_res.max(axis=1), low_res.max(axis=0)
     high, low = float(row_high.max()), float(low_res.min())
-    margin = _CONVEX_MARGIN * max(abs(high), abs(low))
+    margin = CONVEX_MARGIN * max(abs(high), abs(low))
     t_low, t_high = mask_threshold - offset, mask_threshold + offset
     if high + margin <= t_low:  # nothing above even the low threshold: 0/0, as the reference gets
         return np.float32(np.nan), np.zeros(4, np.int64)
@@ -78,6 +78,29 @@ def upsampled_stability_and_box(low_res: np.ndarray, size_hw: tuple[int, int], m
     return stability, np.array([x, y, x + bw - 1, y + bh - 1], np.int64)
 
 
+def upsampled_box(low_res: np.ndarray, size_hw: tuple[int, int], mask_threshold: float) -> np.ndarray:
+    """`mask_to_box(upsample_logits(low_res, size_hw) > mask_threshold)`, from the mask's outermost rows and columns
+    where they can be decided exactly (no upsampling), else from the upsampled rows and columns that can hold a
+    value above the threshold."""
+    h, w = size_hw
+    row_high, col_high = low_res.max(axis=1), low_res.max(axis=0)
+    high, low = float(row_high.max()), float(low_res.min())
+    peak = max(abs(high), abs(low))
+    margin = CONVEX_MARGIN * peak
+    if high + margin <= mask_threshold:
+        return np.zeros(4, np.int64)
+    box = _box_from_edges(low_res, row_high, col_high, size_hw, mask_threshold, margin, _EVALUATION_MARGIN * peak)
+    if box is not None:
+        return box
+    rows = _output_span(row_high, mask_threshold - margin, h)
+    cols = _output_span(col_high, mask_threshold - margin, w)
+    x, y, bw, bh = cv2.boundingRect((upsample_logits(low_res, size_hw)[rows, cols] > mask_threshold).view(np.uint8))
+    if bw == 0:
+        return np.zeros(4, np.int64)
+    x, y = x + cols.start, y + rows.start
+    return np.array([x, y, x + bw - 1, y + bh - 1], np.int64)
+
+
 @lru_cache(maxsize=64)
 def _linear_taps(n_src: int, n_dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """cv2.resize's INTER_LINEAR taps along one axis: first source index, second, and their float32 weights."""
@@ -100,19 +123,32 @@ def _box_from_edges(low_res: np.ndarray, row_high: np.ndarray, col_high: np.ndar
     Output lines are evaluated one at a time from each side with the resize's own taps and weights, skipping
     lines whose low-res sources all lie below the threshold by `margin` (a bilinear value is a convex combination
     of its sources); a line is decided only when its largest value clears the threshold by `tolerance`, which
-    covers any difference in float rounding from cv2's passes. `row_high`, `col_high`: the low-res rows' and
-    columns' maxima. None when a line is too close to call."""
+    covers any difference in float rounding from cv2's passes (or their order: columns are interpolated vertically
+    first). `row_high`, `col_high`: the low-res rows' and columns' maxima. None when a line is too close to call."""
     h, w = size_hw
     y0, y1, b0, b1 = _linear_taps(low_res.shape[0], h)
     x0, x1, a0, a1 = _linear_taps(low_res.shape[1], w)
 
+    # An output line mixes two low-res lines, each interpolated along the line first: those are shared by the
+    # neighbouring output lines, so each is computed once.
+    across_rows: dict[int, np.ndarray] = {}
+    along_columns: dict[int, np.ndarray] = {}
+
+    def low_res_row(i: int) -> np.ndarray:
+        if i not in across_rows:
+            across_rows[i] = low_res[i, x0] * a0 + low_res[i, x1] * a1
+        return across_rows[i]
+
+    def low_res_column(j: int) -> np.ndarray:
+        if j not in along_columns:
+            along_columns[j] = low_res[y0, j] * b0 + low_res[y1, j] * b1
+        return along_columns[j]
+
     def row(y: int) -> np.ndarray:
-        top, bottom = low_res[y0[y]], low_res[y1[y]]
-        return (top[x0] * a0 + top[x1] * a1) * b0[y] + (bottom[x0] * a0 + bottom[x1] * a1) * b1[y]
+        return low_res_row(int(y0[y])) * b0[y] + low_res_row(int(y1[y])) * b1[y]
 
     def column(x: int) -> np.ndarray:
-        across = low_res[:, x0[x]] * a0[x] + low_res[:, x1[x]] * a1[x]
-        return across[y0] * b0 + across[y1] * b1
+        return low_res_column(int(x0[x])) * a0[x] + low_res_column(int(x1[x])) * a1[x]
 
     row_may = np.maximum(row_high[y0], row_high[y1]) > threshold - margin
     col_may = np.maximum(col_high[x0], col_high[x1]) > threshold - margin

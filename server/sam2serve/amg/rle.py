@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, object]:
     """Binary HxW mask → {"size": [H, W], "counts": str} (compressed COCO RLE)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    as_bytes = mask.view(np.uint8) if mask.dtype == np.bool_ else mask.astype(np.uint8)
+    # pycocotools reads column-major bytes; OpenCV's blocked transpose makes them several times faster than
+    # numpy's strided copy (np.asfortranarray) of a large mask.
+    rle = mask_utils.encode(cv2.transpose(np.ascontiguousarray(as_bytes)).T)
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 

@@ -175,7 +175,15 @@ class FactoredDecoder:
         masks = np.empty((len(rows), self.manifest.mask_tokens, size, size), np.float32)
         start = time.perf_counter()
         batches = self._batches(len(rows), self.mask_batch)
-        feeds = [{**shared, **{name: state[name][rows[b]] for name in PROMPT_STATE}} for b in batches]
+        # Consecutive rows (every prompt, at zero thresholds) are sliced: views, where indexing would copy megabytes
+        # of state per batch.
+        first = int(rows[0]) if len(rows) else 0
+        consecutive = bool(np.array_equal(rows, np.arange(first, first + len(rows))))
+
+        def state_rows(b: slice) -> slice | np.ndarray:
+            return slice(first + b.start, first + b.stop) if consecutive else rows[b]
+
+        feeds = [{**shared, **{name: state[name][state_rows(b)] for name in PROMPT_STATE}} for b in batches]
         outputs = self._run_all(self._run_mask, self._side_mask, feeds)
         for b, out in zip(batches, outputs, strict=True):
             masks[b] = out[0]

@@ -151,21 +151,29 @@ class FactoredDecoder:
         with self._lock:
             self._contexts.pop(key, None)
 
-    def prompt_head(self, features: ImageFeatures, point_coords: np.ndarray,
-                    point_labels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """IoU of every mask token [B, M] and the per-prompt state the mask head reads."""
+    def _prompt_chunks(self, features: ImageFeatures, point_coords: np.ndarray,
+                       point_labels: np.ndarray) -> list[tuple[slice, np.ndarray, dict[str, np.ndarray]]]:
+        """The prompt head batch by batch: (prompts, IoU, state) of each."""
         context = self.context(features)
         shared = {name: context[name] for name in self._prompt_context}
         coords = np.ascontiguousarray(point_coords, np.float32)
         labels = np.ascontiguousarray(point_labels, np.float32)
         start = time.perf_counter()
-        feeds = [{**shared, PROMPT_INPUTS[0]: coords[rows], PROMPT_INPUTS[1]: labels[rows]}
-                 for rows in self._batches(len(coords), self.prompt_batch)]
+        batches = self._batches(len(coords), self.prompt_batch)
+        feeds = [{**shared, PROMPT_INPUTS[0]: coords[rows], PROMPT_INPUTS[1]: labels[rows]} for rows in batches]
         chunks = self._run_all(self._run_prompt, self._side_prompt, feeds)
         self.stats.add("prompt_head", time.perf_counter() - start, len(coords))
-        outputs = chunks[0] if len(chunks) == 1 else [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
-        iou, *state = outputs
-        return iou, dict(zip(PROMPT_STATE, state, strict=True))
+        return [(rows, iou, dict(zip(PROMPT_STATE, state, strict=True)))
+                for rows, (iou, *state) in zip(batches, chunks, strict=True)]
+
+    def prompt_head(self, features: ImageFeatures, point_coords: np.ndarray,
+                    point_labels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """IoU of every mask token [B, M] and the per-prompt state the mask head reads."""
+        chunks = self._prompt_chunks(features, point_coords, point_labels)
+        if len(chunks) == 1:
+            return chunks[0][1], chunks[0][2]
+        return (np.concatenate([iou for _, iou, _ in chunks]),
+                {name: np.concatenate([state[name] for _, _, state in chunks]) for name in PROMPT_STATE})
 
     def mask_head(self, features: ImageFeatures, state: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
         """Logits of every mask token [len(rows), M, 256, 256] for the prompts `rows` of a prompt-head batch."""
@@ -204,13 +212,20 @@ class FactoredDecoder:
                      iou_threshold: float) -> DecodedMasks:
         """Multimask outputs; logits only for prompts with a multimask IoU above `iou_threshold`, zero for the
         others (callers drop their candidates by IoU before reading logits)."""
-        iou, state = self.prompt_head(features, point_coords, point_labels)
+        chunks = self._prompt_chunks(features, point_coords, point_labels)
+        iou = np.concatenate([chunk_iou for _, chunk_iou, _ in chunks])
+        _, multimask_iou = select_multimask(iou, iou)
         size = self.manifest.low_res_mask_size
-        masks = np.zeros((len(iou), iou.shape[1], size, size), np.float32)
-        rows = np.flatnonzero((iou[:, 1:] > iou_threshold).any(axis=1))
-        if len(rows):
-            masks[rows] = self.mask_head(features, state, rows)
-        return DecodedMasks(*select_multimask(masks, iou))
+        # Only the multimask tokens, contiguous: callers flatten them to candidates without a copy, and the pages
+        # of prompts without masks are never touched (at fal's defaults that is nearly every prompt). The state
+        # stays in its prompt-head batches (2 MB per prompt: concatenating it cost ~4 % of a segmentation).
+        masks = np.zeros((len(iou), multimask_iou.shape[1], size, size), np.float32)
+        for prompts, chunk_iou, state in chunks:
+            rows = np.flatnonzero((select_multimask(chunk_iou, chunk_iou)[1] > iou_threshold).any(axis=1))
+            if len(rows):
+                logits = self.mask_head(features, state, rows)
+                masks[prompts.start + rows] = select_multimask(logits, chunk_iou[rows])[0]
+        return DecodedMasks(masks, multimask_iou)
 
 
 class FactoredDecoding(AllTokensEngine):

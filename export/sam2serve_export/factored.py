@@ -279,9 +279,10 @@ class FactoredTransformer(nn.Module):
         m2 = m2 + head0 * (l1.norm4.bias + cb2.out_proj.bias)
         mix = _center(torch.cat([gm1, m2], dim=1))  # [B, 2HT, C]
         coeffs = torch.cat([a1s, a2], dim=1)  # [B, 2HT, N]
-        # ‖input‖² = inv1²‖w‖² + 2 inv1 Σ coeffs·(mix w) + coeffsᵀ G coeffs with G = mix mixᵀ, the quadratic form
-        # from G's upper block triangle. w is centred, so mix·w = m·w: for the gm1 rows v1·(W_o^T(γ1 w)) - mean(m1)
-        # (γ1·w), for the m2 rows v2·(W_o^T w), plus w·const on head 0 whose weights sum to 1.
+        # ‖input‖² = inv1²‖w‖² + 2 inv1 Σ coeffs·(mix w) + coeffsᵀ G coeffs with G = mix mixᵀ (the whole of G: one
+        # product, which the final attention's rows share, beats the upper block triangle's three). w is centred,
+        # so mix·w = m·w: for the gm1 rows v1·(W_o^T(γ1 w)) - mean(m1)(γ1·w), for the m2 rows v2·(W_o^T w), plus
+        # w·const on head 0 whose weights sum to 1.
         # The cross terms of all 2HT rows come from one product, laid out as coeffs; inv1 scales their sum only.
         gram = mix @ mix.transpose(1, 2)
         rows = gram

@@ -56,7 +56,12 @@ MAX_AUTO_HEAD_WORKERS = 4
 
 def cpu_head_workers(intra_op_threads: int) -> int:
     """Head workers for the CPU provider: the intra-op thread count (0: the cores this process may use), capped."""
-    threads = intra_op_threads if intra_op_threads > 0 else len(os.sched_getaffinity(0))
+    if intra_op_threads > 0:
+        threads = intra_op_threads
+    elif hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may run on
+        threads = len(os.sched_getaffinity(0))
+    else:
+        threads = os.cpu_count() or 1
     return max(1, min(threads, MAX_AUTO_HEAD_WORKERS))
 
 

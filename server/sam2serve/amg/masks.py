@@ -71,11 +71,7 @@ def upsampled_stability_and_box(low_res: np.ndarray, size_hw: tuple[int, int], m
                               _EVALUATION_MARGIN * max(abs(high), abs(low)))
         if box is not None:
             return stability, box
-    x, y, bw, bh = cv2.boundingRect((upsampled() > mask_threshold).view(np.uint8))
-    if bw == 0:
-        return stability, np.zeros(4, np.int64)
-    x, y = x + cols.start, y + rows.start
-    return stability, np.array([x, y, x + bw - 1, y + bh - 1], np.int64)
+    return stability, _box_in_span(upsampled() > mask_threshold, rows, cols)
 
 
 def upsampled_box(low_res: np.ndarray, size_hw: tuple[int, int], mask_threshold: float) -> np.ndarray:
@@ -94,7 +90,12 @@ def upsampled_box(low_res: np.ndarray, size_hw: tuple[int, int], mask_threshold:
         return box
     rows = _output_span(row_high, mask_threshold - margin, h)
     cols = _output_span(col_high, mask_threshold - margin, w)
-    x, y, bw, bh = cv2.boundingRect((upsample_logits(low_res, size_hw)[rows, cols] > mask_threshold).view(np.uint8))
+    return _box_in_span(upsample_logits(low_res, size_hw)[rows, cols] > mask_threshold, rows, cols)
+
+
+def _box_in_span(mask: np.ndarray, rows: slice, cols: slice) -> np.ndarray:
+    """`mask_to_box` of a full-size mask that is empty outside `mask`, its [rows, cols] window."""
+    x, y, bw, bh = cv2.boundingRect(mask.view(np.uint8))
     if bw == 0:
         return np.zeros(4, np.int64)
     x, y = x + cols.start, y + rows.start

@@ -221,7 +221,7 @@ class FactoredDecoder:
         # stays in its prompt-head batches (2 MB per prompt: concatenating it cost ~4 % of a segmentation).
         masks = np.zeros((len(iou), multimask_iou.shape[1], size, size), np.float32)
         for prompts, chunk_iou, state in chunks:
-            rows = np.flatnonzero((select_multimask(chunk_iou, chunk_iou)[1] > iou_threshold).any(axis=1))
+            rows = np.flatnonzero((multimask_iou[prompts] > iou_threshold).any(axis=1))
             if len(rows):
                 logits = self.mask_head(features, state, rows)
                 masks[prompts.start + rows] = select_multimask(logits, chunk_iou[rows])[0]

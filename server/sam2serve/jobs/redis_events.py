@@ -24,7 +24,6 @@ RETRY_AFTER_S = 1.0  # the dispatcher's pause after its connection failed beyond
 TASK_STOP_S = 5.0
 
 
-
 async def stop_tasks(*tasks: asyncio.Task[None] | None) -> None:
     """Cancel background loops and wait for them, boundedly. On Python 3.11 a cancellation that meets a timeout
     expiring inside redis-py's reads can be lost; the loops also check a closing flag, so they end at their
@@ -40,6 +39,7 @@ async def stop_tasks(*tasks: asyncio.Task[None] | None) -> None:
             task.exception()  # retrieved: a loop that failed was already logged
     for task in late:
         log.warning("job queue: background task %s did not stop within %.0f s", task.get_name(), TASK_STOP_S)
+
 
 class Inbox:
     """What a watcher waits on: set by every message of its job's channel (and of the `moved` channel while

@@ -668,6 +668,7 @@ def test_default_values_pass_the_schema(chart):
     ({"engines": {"source": "pvc"}}, "/engines/pvc/claimName"),
     ({"engines": {"model": "sam3_hiera_tiny"}}, "/engines/model"),
     ({"gpu": {"count": "one"}}, "/gpu/count"),
+    ({"server": {"encoderPrecision": "int4"}}, "/server/encoderPrecision"),
     ({"server": {"redis": {"url": "http://redis:6379"}}}, "/server/redis/url"),
 ])
 def test_schema_rejects_bad_values(chart, values, where):
@@ -681,6 +682,7 @@ def test_schema_rejects_bad_values(chart, values, where):
     ({"engines": {"tensorrt": {"enabled": True}}}, "engines.tensorrt.enabled needs gpu.enabled"),
     ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "maxReplicas must be >= autoscaling.minReplicas"),
     ({"podDisruptionBudget": {"minAvailable": 1}}, "not both"),
+    ({"server": {"encoderPrecision": "int8"}}, "server.encoderPrecision int8 needs engines.export.int8Encoder"),
 ])
 def test_template_rejects_inconsistent_values(chart, values, message):
     with pytest.raises(helm.HelmRenderError, match=re.escape(message)):
@@ -754,6 +756,26 @@ def test_export_script_reuses_valid_engines_only(tmp_path, scripts, manifest, ch
     export_call = (f"export --out {engines} --cache-dir {tmp_path}/checkpoints --quiet --model m --{weights}")
     assert (export_call in calls) is exports, calls
     assert calls[0].startswith("check-engines") is manifest
+    if manifest:
+        assert calls[0].endswith("--encoder-precision fp32"), calls
+
+
+def test_int8_encoder_is_opt_in_and_built_before_it_is_served(tmp_path, chart):
+    values = {"server": {"encoderPrecision": "int8"}, "engines": {"export": {"int8Encoder": True}}}
+    objects = render(chart, values)
+    assert objects[("ConfigMap", FULLNAME)]["data"]["SAM2SERVE_ENCODER_PRECISION"] == "int8"
+    assert "SAM2SERVE_ENCODER_PRECISION" not in render(chart)[("ConfigMap", FULLNAME)]["data"]  # the server's fp32
+    init = {c["name"]: c for c in objects[("Deployment", FULLNAME)]["spec"]["template"]["spec"]["initContainers"]}
+    assert "--int8-encoder" in init["export-engines"]["command"]
+    # engines on a PVC without the variant do not pass the init container's check: it exports again
+    script = tmp_path / "export-engines.sh"
+    script.write_text(objects[("ConfigMap", f"{FULLNAME}-scripts")]["data"]["export-engines.sh"])
+    engines = tmp_path / "engines" / "m"
+    engines.mkdir(parents=True)
+    (engines / "manifest.json").write_text("{}")
+    result, calls = run_script(tmp_path, script, ["--model", "m", "--download", "--int8-encoder"])
+    assert result.returncode == 0, result.stderr
+    assert calls[0].endswith("--encoder-precision int8") and calls[1].startswith("export --out"), calls
 
 
 def test_tensorrt_script_builds_when_no_plans_are_reusable(tmp_path, scripts):

@@ -138,7 +138,10 @@ def test_check_engines_cli(tiny_engine_dir, capsys, engine_copy):
 
     assert main(["check-engines", str(tiny_engine_dir)]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["weights"] == "untrained" and report["trained"] is False
+    assert report["weights"] == "untrained" and report["trained"] is False and report["encoder_precision"] == "fp32"
+    # the init container asks for the int8 encoder when the chart serves it: engines without it are refused
+    assert main(["check-engines", str(tiny_engine_dir), "--encoder-precision", "int8"]) == 2
+    assert "export --int8-encoder" in capsys.readouterr().err
     (engine_copy / "encoder.onnx").unlink()
     assert main(["check-engines", str(engine_copy)]) == 2
     assert "is missing" in capsys.readouterr().err

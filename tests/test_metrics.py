@@ -86,6 +86,7 @@ def test_series_after_real_calls(server):
     assert got[("sam2serve_untrained_weights", frozenset())] == 1
     build = [labels for (name, labels) in got if name == "sam2serve_build_info"]
     assert build and dict(build[0])["untrained"] == "true" and dict(build[0])["model"] == "sam2.1_hiera_tiny"
+    assert dict(build[0])["encoder_precision"] == "fp32"
     for stage in ("image", "encoder", "decoder", "postprocess", "output"):
         assert got[("sam2serve_stage_duration_seconds_count", frozenset({"stage": stage}.items()))] >= 1
     assert got[("sam2serve_job_duration_seconds_count", frozenset({"outcome": "completed"}.items()))] >= 1

@@ -41,6 +41,7 @@ def test_get_info_flags_untrained_weights(server):
     info = server.stub.GetInfo(pb.GetInfoRequest(), timeout=10)
     assert info.model.name == "sam2.1_hiera_tiny" and info.model.untrained and info.model.weights_origin == "untrained"
     assert "UNTRAINED" in info.warning and info.model.backend == "onnxruntime" and info.model.providers
+    assert info.model.encoder_precision == "fp32"  # the int8 encoder only when asked (test_variants)
     d = info.defaults
     assert (d.points_per_side, round(d.pred_iou_thresh, 2), round(d.stability_score_thresh, 2),
             d.min_mask_region_area) == (32, 0.88, 0.95, 100)

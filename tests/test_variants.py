@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from dataclasses import replace
 
@@ -9,8 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import needs_export_tools
-from sam2serve.engines.manifest import read_manifest, write_manifest
+from sam2serve.app import load_engine
+from sam2serve.config import ServerConfig
+from sam2serve.engines.contract import encoder_role
+from sam2serve.engines.manifest import ManifestError, read_manifest, write_manifest
 from sam2serve.engines.onnx_engine import OnnxEngine
+from sam2serve.errors import StartupError
 from sam2serve.images import synthetic_scene
 
 pytestmark = needs_export_tools
@@ -56,3 +61,36 @@ def test_fp16_decoder_keeps_fp32_io_and_stays_close(variant_dir):
              "mask_input": np.zeros((1, 1, 256, 256), np.float32), "has_mask_input": np.zeros(1, np.float32)}
     got = fp16.run(["masks"], feeds)[0]
     assert np.abs(got - ref).max() / np.abs(ref).max() < 2e-2
+
+
+def test_int8_encoder_is_served_only_when_asked_and_says_so(variant_dir):
+    from grpc_harness import ServerThread, quick_request
+    from sam2serve.v1 import sam2serve_pb2 as pb
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype(np.float32)
+    fp32 = OnnxEngine(variant_dir, providers=["CPUExecutionProvider"], warmup=False)
+    int8 = OnnxEngine(variant_dir, providers=["CPUExecutionProvider"], encoder_variant=encoder_role("int8"),
+                      warmup=False)
+    assert (fp32.info.encoder_precision, int8.info.encoder_precision) == ("fp32", "int8-dynamic")
+    a, b = fp32.encode(x).image_embed, int8.encode(x).image_embed
+    assert 0 < np.abs(a - b).max() / np.abs(a).max() < 0.1  # the other graph ran, and it is close
+
+    server = ServerThread(ServerConfig(engines=variant_dir, encoder_precision="int8", providers="CPUExecutionProvider",
+                                       workers=1), None)
+    try:
+        info = server.stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+        assert info.model.encoder_precision == "int8-dynamic"
+        response = server.stub.AutoSegment(quick_request(), timeout=120)
+        assert response.model.encoder_precision == "int8-dynamic"
+    finally:
+        server.stop()
+
+
+def test_encoder_precision_errors_say_what_to_change(tiny_engine_dir):
+    with pytest.raises(ManifestError, match="export --int8-encoder"):
+        OnnxEngine(tiny_engine_dir, providers=["CPUExecutionProvider"], encoder_variant=encoder_role("int8"),
+                   warmup=False)
+    with pytest.raises(StartupError, match="'int4' is not one of fp32, int8"):
+        asyncio.run(load_engine(ServerConfig(engines=tiny_engine_dir, encoder_precision="int4")))
+    with pytest.raises(StartupError, match="tensorrt backend"):
+        asyncio.run(load_engine(ServerConfig(engines=tiny_engine_dir, encoder_precision="int8", backend="tensorrt")))

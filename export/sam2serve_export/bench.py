@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sam2serve.amg.params import GeneratorParams
+from sam2serve.engines.contract import ENCODER_ROLES, encoder_role
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,6 +33,9 @@ def parser() -> argparse.ArgumentParser:
                    help="factored heads' batches run this many at a time, one thread each (1: intra-op threads; "
                         "default: the engine's choice)")
     p.add_argument("--prompt-head-batch", type=int, help="prompt-head batch (default: the engine's choice)")
+    p.add_argument("--encoder-precision", choices=sorted(ENCODER_ROLES), default="fp32",
+                   help="int8: our side runs the opt-in encoder_int8 variant (export --int8-encoder); its masks "
+                        "differ slightly from the reference's")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--json", action="store_true")
     add_generator_flags(p)
@@ -43,13 +47,15 @@ def _peak_rss_mb() -> float:
 
 
 def _run_ours(engines: str, image_path: str, params: GeneratorParams, threads: int, batch: int,
-              head_workers: int | None = None, prompt_head_batch: int | None = None) -> dict[str, Any]:
+              head_workers: int | None = None, prompt_head_batch: int | None = None,
+              encoder_precision: str = "fp32") -> dict[str, Any]:
     from sam2serve.amg import AutoMaskGenerator
     from sam2serve.engines.onnx_engine import OnnxEngine
     from sam2serve.images import read_rgb
 
     engine = OnnxEngine(engines, providers=["CPUExecutionProvider"], intra_op_threads=threads,
-                        head_workers=head_workers, prompt_head_batch=prompt_head_batch)
+                        head_workers=head_workers, prompt_head_batch=prompt_head_batch,
+                        encoder_variant=encoder_role(encoder_precision))
     warm = engine.factored.stats.as_dict() if engine.factored is not None else None
     start = time.perf_counter()
     image = read_rgb(image_path)
@@ -95,12 +101,13 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     params = params_from_args(args)
     ours = _in_child(_run_ours, str(args.engines), str(args.image), params, args.threads, args.max_decoder_batch,
-                     args.head_workers, args.prompt_head_batch)
+                     args.head_workers, args.prompt_head_batch, args.encoder_precision)
     ref = None if args.skip_reference else _in_child(
         _run_reference, str(args.engines), str(args.image), params, args.threads,
         str(args.checkpoint) if args.checkpoint else None, str(args.cache_dir))
     post = ours["stages_s"]["postprocess"] + ours["stages_s"]["encoding"]
-    summary = {"image": str(args.image), "params": {k: v for k, v in params.__dict__.items() if k != "point_grids"},
+    summary = {"image": str(args.image), "encoder_precision": args.encoder_precision,
+               "params": {k: v for k, v in params.__dict__.items() if k != "point_grids"},
                "ours": ours, "reference": ref,
                "speedup": ref["wall_s"] / ours["wall_s"] if ref else None,
                "wall_over_floor": ours["wall_s"] / ours["engine_floor_s"],
@@ -108,7 +115,8 @@ def main(argv: list[str]) -> int:
     print(f"{'':14}{'wall s':>9}{'masks':>7}{'peak RSS MB':>13}")
     if ref:
         print(f"{'reference':14}{ref['wall_s']:9.1f}{ref['masks']:7d}{ref['peak_rss_mb']:13.0f}")
-    print(f"{'sam2serve':14}{ours['wall_s']:9.1f}{ours['masks']:7d}{ours['peak_rss_mb']:13.0f}")
+    label = "sam2serve" if args.encoder_precision == "fp32" else f"sam2serve {args.encoder_precision}"
+    print(f"{label:14}{ours['wall_s']:9.1f}{ours['masks']:7d}{ours['peak_rss_mb']:13.0f}")
     if ref:
         print(f"speed-up: {summary['speedup']:.2f}x")
     print("our stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in ours["stages_s"].items()))

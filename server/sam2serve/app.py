@@ -17,6 +17,8 @@ from . import __version__
 from .amg import AutoMaskGenerator
 from .config import ServerConfig
 from .engines import Engine, Manifest, open_engine
+from .engines.contract import encoder_role
+from .errors import StartupError
 from .jobs import JobFinished, JobService, JobStore, Worker
 from .jobs.memory import MemoryJobStore
 from .metrics import (
@@ -58,10 +60,18 @@ async def load_engine(config: ServerConfig) -> Engine:
     """The engines `config` names, opened (and warmed up) off the event loop."""
     loop = asyncio.get_running_loop()
     if config.backend == "tensorrt":
+        if config.encoder_precision != "fp32":
+            raise StartupError("encoder_precision int8 is an ONNX Runtime variant: the tensorrt backend runs its own "
+                               "plans (use --fp16 plans for speed on GPUs)")
         return await loop.run_in_executor(None, lambda: open_engine(str(config.engines), backend="tensorrt"))
+    try:
+        role = encoder_role(config.encoder_precision)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
     providers = [p for p in config.providers.split(",") if p] or None
     return await loop.run_in_executor(None, lambda: open_engine(str(config.engines), providers=providers,
-                                                                intra_op_threads=config.threads))
+                                                                intra_op_threads=config.threads,
+                                                                encoder_variant=role))
 
 
 def make_store(config: ServerConfig, on_finished: Callable[[JobFinished], None]) -> JobStore:
@@ -130,7 +140,7 @@ async def create_app(config: ServerConfig, engine: Engine | None = None, metrics
     await jobs.start()
     info = engine.info
     describe_server(metrics, __version__, engine.manifest.model, engine.manifest.weights.origin, not info.trained,
-                    info.backend, ",".join(info.providers), jobs.depth)
+                    info.backend, ",".join(info.providers), jobs.depth, info.encoder_precision)
     prompts = make_prompts(config, engine, metrics, worker if config.url_fetchers > 0 else None)
     return App(config, engine, jobs, prompts, metrics, webhooks)
 

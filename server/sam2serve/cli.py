@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-engines", help="validate an engine directory and load it")
     check.add_argument("engines", help="engine directory")
     check.add_argument("--providers", help="comma-separated onnxruntime providers (default: best available)")
+    check.add_argument("--encoder-precision", choices=("fp32", "int8"), default="fp32",
+                       help="int8: also require (and load) the opt-in int8 encoder")
     args = parser.parse_args(argv)
     if args.command == "check-engines":
         return _check_engines(args)
@@ -98,16 +100,19 @@ def _export_tool(command: str, argv: list[str]) -> int:
 
 def _check_engines(args: argparse.Namespace) -> int:
     from .engines import ManifestError
+    from .engines.contract import encoder_role
     from .engines.onnx_engine import OnnxEngine
 
     try:
-        engine = OnnxEngine(args.engines, providers=args.providers.split(",") if args.providers else None)
+        engine = OnnxEngine(args.engines, providers=args.providers.split(",") if args.providers else None,
+                            encoder_variant=encoder_role(args.encoder_precision))
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = engine.manifest
     print(json.dumps({"model": m.model, "weights": m.weights.origin, "trained": m.weights.trained,
-                      "providers": engine.active_providers, "engines": {k: v.file for k, v in m.engines.items()}}))
+                      "providers": engine.active_providers, "engines": {k: v.file for k, v in m.engines.items()},
+                      "encoder_precision": engine.info.encoder_precision}))
     return 0
 
 

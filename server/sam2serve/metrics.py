@@ -68,7 +68,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
         jobs_in_progress=Gauge("sam2serve_jobs_in_progress", "Jobs running now", registry=r),
         untrained=Gauge("sam2serve_untrained_weights", "1 when the served engines have untrained weights "
                         "(meaningless masks)", registry=r),
-        build=Info("sam2serve_build", "Version, model, weights origin and execution provider", registry=r),
+        build=Info("sam2serve_build", "Version, model, weights origin, execution provider and encoder precision "
+                   "(int8-dynamic: the opt-in int8 encoder)", registry=r),
         webhooks=Counter("sam2serve_webhooks", "Webhook deliveries by outcome: delivered, failed (retries spent, "
                          "or refused by the receiver), refused (the address rules)", ["outcome"], registry=r),
         webhook_retries=Counter("sam2serve_webhook_retries", "Webhook calls made again after a connection "
@@ -77,9 +78,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> Metrics:
 
 
 def describe_server(metrics: Metrics, version: str, model: str, weights: str, untrained: bool, backend: str,
-                    provider: str, depth: Callable[[], tuple[float, int]]) -> None:
+                    provider: str, depth: Callable[[], tuple[float, int]], encoder_precision: str = "fp32") -> None:
     metrics.build.info({"version": version, "model": model, "weights": weights,
-                        "untrained": "true" if untrained else "false", "backend": backend, "provider": provider})
+                        "untrained": "true" if untrained else "false", "backend": backend, "provider": provider,
+                        "encoder_precision": encoder_precision})
     metrics.untrained.set(1 if untrained else 0)
     metrics.queue_depth.set_function(lambda: depth()[0])
     metrics.jobs_in_progress.set_function(lambda: depth()[1])

@@ -137,6 +137,9 @@ and nowhere settable, so the kubelet can never SIGKILL a pod that is still drain
 {{- if and (eq .Values.engines.source "pvc") (not .Values.engines.pvc.claimName) }}
 {{- fail "engines.source is \"pvc\": set engines.pvc.claimName to the claim holding the exported engines" }}
 {{- end }}
+{{- if and (eq .Values.server.encoderPrecision "int8") (eq .Values.engines.source "export") (not .Values.engines.export.int8Encoder) }}
+{{- fail "server.encoderPrecision int8 needs engines.export.int8Encoder: the init container builds the int8 encoder" }}
+{{- end }}
 {{- if and .Values.engines.tensorrt.enabled (not .Values.gpu.enabled) }}
 {{- fail "engines.tensorrt.enabled needs gpu.enabled: TensorRT plans are built on the node's GPU" }}
 {{- end }}

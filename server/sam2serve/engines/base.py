@@ -40,6 +40,7 @@ class EngineInfo:
     backend: str  # "onnxruntime" or "tensorrt"
     providers: tuple[str, ...]  # execution providers in use, best first
     trained: bool  # False: weights were randomly initialised and masks are meaningless
+    encoder_precision: str = "fp32"  # "int8-dynamic": the opt-in int8 encoder (masks differ slightly from Meta's)
 
 
 class Engine(Protocol):

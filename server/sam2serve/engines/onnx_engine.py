@@ -16,6 +16,7 @@ from .contract import (
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
+    ENCODER_ROLES,
     FACTORED_ROLES,
 )
 from .factored import (
@@ -105,6 +106,10 @@ class OnnxEngine(FactoredDecoding):
         if factored and not has_factored:
             log.info("%s has no factored decoder (exported before it existed): every prompt runs decoder.onnx; "
                      "re-export the engines for a decoder about ten times cheaper", self.directory)
+        if encoder_variant not in self.manifest.engines and encoder_variant not in self.manifest.variants:
+            built = ", ".join(sorted(self.manifest.variants)) or "none"
+            how = "; `sam2serve export --int8-encoder` builds it" if encoder_variant == ENCODER_ROLES["int8"] else ""
+            raise ManifestError(f"{self.directory} has no {encoder_variant} engine (variants built: {built}){how}")
         roles = [encoder_variant, "decoder", *(FACTORED_ROLES if factored and has_factored else ())]
         if verify_hashes:
             verify_engine_files(self.directory, self.manifest, roles)
@@ -138,6 +143,10 @@ class OnnxEngine(FactoredDecoding):
                 prompt_head_batch = CPU_PROMPT_HEAD_BATCH
             self._factored = self._open_factored(options, decoder_memory_bytes, head_workers, prompt_head_batch)
         warn_if_untrained(self.directory, self.manifest)
+        if encoder_variant != "encoder":
+            entry = self.manifest.engine_file(encoder_variant)
+            log.warning("opt-in encoder %s (%s): faster on CPUs, but its masks differ slightly from Meta's reference",
+                        entry.file, entry.precision)
         if warmup:
             self.warm_up()
 
@@ -188,7 +197,8 @@ class OnnxEngine(FactoredDecoding):
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(self.backend, tuple(self.active_providers), self.manifest.weights.trained)
+        return EngineInfo(self.backend, tuple(self.active_providers), self.manifest.weights.trained,
+                          self.manifest.engine_file(self.encoder_role).precision)
 
     def encode(self, image: np.ndarray) -> ImageFeatures:
         outputs = self._encoder.run(list(ENCODER_OUTPUTS), {"image": np.ascontiguousarray(image, np.float32)})

@@ -60,7 +60,8 @@ def generator_defaults(params: GeneratorParams) -> pb.GeneratorDefaults:
 def server_info(app: App) -> pb.ServerInfo:
     config, manifest, engine = app.config, app.manifest, app.engine.info
     model = pb.ModelInfo(name=manifest.model, weights_origin=manifest.weights.origin, untrained=not engine.trained,
-                         backend=engine.backend, providers=list(engine.providers))
+                         backend=engine.backend, providers=list(engine.providers),
+                         encoder_precision=engine.encoder_precision)
     limits = pb.Limits(max_image_bytes=config.max_image_bytes, max_image_pixels=config.max_image_pixels,
                        max_points_per_side=config.max_points_per_side, max_crop_n_layers=config.max_crop_n_layers,
                        queue_size=config.queue_size, workers=config.workers,

@@ -36,7 +36,7 @@ class ServerConfig:
     backend: str = "onnx"  # onnx (ONNX Runtime) or tensorrt (plans built by `sam2serve export trt`)
     providers: str = ""  # comma-separated onnxruntime providers; empty: best available
     # fp32: Meta's masks. int8: the opt-in encoder_int8 variant (`export --int8-encoder`, ONNX Runtime only): the
-    # encoder ~18 % faster on CPUs, masks slightly different; GetInfo, every response and the metrics say so.
+    # encoder ~25 % faster on CPUs, masks slightly different; GetInfo, every response and the metrics say so.
     encoder_precision: str = "fp32"
     threads: int = 0  # onnxruntime intra-op threads; 0: all cores
     max_decoder_batch: int = 8  # prompts per decoder run; ≈ 80 MB each in ORT on CPU

@@ -3,7 +3,7 @@
 ENCODER_INPUTS = ("image",)
 ENCODER_OUTPUTS = ("image_embed", "high_res_feats_0", "high_res_feats_1")
 # Encoder precisions a server can be asked for, and the engine role each runs. int8 is opt-in: built by `export
-# --int8-encoder` (dynamic int8 MatMuls), ~18 % faster on a 2-core AVX2 CPU; its masks differ slightly from Meta's.
+# --int8-encoder` (dynamic int8 MatMuls), ~25 % faster on a 2-core AVX2 CPU; its masks differ slightly from Meta's.
 ENCODER_ROLES = {"fp32": "encoder", "int8": "encoder_int8"}
 DECODER_INPUTS = (
     "image_embed",

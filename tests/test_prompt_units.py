@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from sam2serve.engines.base import EngineInfo
 from sam2serve.errors import ImageFetchError, InvalidInput, QueueFull, ShuttingDown
 from sam2serve.inputs import InputLimits, load_image
 from sam2serve.outputs import encode_image
@@ -319,6 +320,7 @@ class _FactoredEngine:
         self.manifest = SimpleNamespace(model="fake", weights=SimpleNamespace(origin="untrained", sha256="", seed=0),
                                         image_size=16, pixel_mean=(0.0, 0.0, 0.0), pixel_std=(1.0, 1.0, 1.0))
         self.factored = self
+        self.info = EngineInfo("fake", ("CPUExecutionProvider",), trained=False)
 
     def encode(self, image: np.ndarray):
         from sam2serve.engines.base import ImageFeatures

@@ -17,6 +17,7 @@ from sam2serve.engines.manifest import ManifestError, read_manifest, write_manif
 from sam2serve.engines.onnx_engine import OnnxEngine
 from sam2serve.errors import StartupError
 from sam2serve.images import synthetic_scene
+from sam2serve.prompts.segmenter import model_key
 
 pytestmark = needs_export_tools
 
@@ -74,6 +75,7 @@ def test_int8_encoder_is_served_only_when_asked_and_says_so(variant_dir):
     assert (fp32.info.encoder_precision, int8.info.encoder_precision) == ("fp32", "int8-dynamic")
     a, b = fp32.encode(x).image_embed, int8.encode(x).image_embed
     assert 0 < np.abs(a - b).max() / np.abs(a).max() < 0.1  # the other graph ran, and it is close
+    assert model_key(fp32) != model_key(int8)  # a picture's image_id says which encoder embedded it
 
     server = ServerThread(ServerConfig(engines=variant_dir, encoder_precision="int8", providers="CPUExecutionProvider",
                                        workers=1), None)

@@ -56,10 +56,12 @@ class CachedLogits:
 
 
 def model_key(engine: Engine) -> str:
-    """What makes embeddings of one picture differ between servers: the model and its weights."""
+    """What makes embeddings of one picture differ between servers: the model, its weights and, when it is not
+    fp32, the encoder's precision (fp32 ids stay as they were)."""
     m = engine.manifest
     weights = m.weights.sha256 or f"seed={m.weights.seed}"
-    return f"{m.model}|{m.weights.origin}|{weights}"
+    precision = engine.info.encoder_precision
+    return f"{m.model}|{m.weights.origin}|{weights}" + ("" if precision == "fp32" else f"|{precision}")
 
 
 def image_id_of(rgb: np.ndarray, model: str) -> str:

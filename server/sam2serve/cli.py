@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="time Meta's generator and ours side by side (needs the 'export' extra)")
     serve = sub.add_parser("serve", help="serve the gRPC API (config from flags, else SAM2SERVE_* env)")
     from .config import add_config_flags
+    from .engines.contract import ENCODER_ROLES
 
     add_config_flags(serve)
     seg = sub.add_parser("segment", help="segment an image through a running server and write the outputs")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-engines", help="validate an engine directory and load it")
     check.add_argument("engines", help="engine directory")
     check.add_argument("--providers", help="comma-separated onnxruntime providers (default: best available)")
-    check.add_argument("--encoder-precision", choices=("fp32", "int8"), default="fp32",
+    check.add_argument("--encoder-precision", choices=sorted(ENCODER_ROLES), default="fp32",
                        help="int8: also require (and load) the opt-in int8 encoder")
     args = parser.parse_args(argv)
     if args.command == "check-engines":

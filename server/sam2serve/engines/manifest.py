@@ -41,6 +41,10 @@ class EngineFile:
     precision: str = "fp32"
 
 
+# The export flag that builds each optional variant, for the error that names a missing one.
+VARIANT_FLAGS = {"encoder_int8": "--int8-encoder", "encoder_fp16": "--fp16", "decoder_fp16": "--fp16"}
+
+
 @dataclass(frozen=True)
 class Weights:
     origin: str  # checkpoint | download | untrained
@@ -82,7 +86,8 @@ class Manifest:
         found = self.engines.get(role) or self.variants.get(role)
         if found is None:
             known = sorted([*self.engines, *self.variants])
-            raise ManifestError(f"the manifest has no engine {role!r}; it has {', '.join(known)}")
+            how = f"; `sam2serve export {VARIANT_FLAGS[role]}` builds it" if role in VARIANT_FLAGS else ""
+            raise ManifestError(f"the manifest has no engine {role!r}; it has {', '.join(known)}{how}")
         return found
 
 

@@ -16,7 +16,6 @@ from .contract import (
     DECODER_OUTPUTS,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
-    ENCODER_ROLES,
     FACTORED_ROLES,
 )
 from .factored import (
@@ -106,10 +105,6 @@ class OnnxEngine(FactoredDecoding):
         if factored and not has_factored:
             log.info("%s has no factored decoder (exported before it existed): every prompt runs decoder.onnx; "
                      "re-export the engines for a decoder about ten times cheaper", self.directory)
-        if encoder_variant not in self.manifest.engines and encoder_variant not in self.manifest.variants:
-            built = ", ".join(sorted(self.manifest.variants)) or "none"
-            how = "; `sam2serve export --int8-encoder` builds it" if encoder_variant == ENCODER_ROLES["int8"] else ""
-            raise ManifestError(f"{self.directory} has no {encoder_variant} engine (variants built: {built}){how}")
         roles = [encoder_variant, "decoder", *(FACTORED_ROLES if factored and has_factored else ())]
         if verify_hashes:
             verify_engine_files(self.directory, self.manifest, roles)
